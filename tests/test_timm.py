@@ -1,0 +1,251 @@
+"""The method on timm ViTs, checked against independent references: the unpatched model, a slow
+explicit-attention loop, FlopCounterMode, and the single-image forward."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import IMG, LOCATIONS, images, make_model
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+import timm_token_prune as ttp
+
+
+def patched(case: str, budget: float = 0.5, **options) -> torch.nn.Module:
+    model = ttp.patch_model(make_model(case), budget=budget, prune_locations=LOCATIONS, **options)
+    if budget < 1.0:
+        ttp.calibrate(model, [images(16, seed=s) for s in (10, 11)])
+    return model
+
+
+# ---- equivalence and restoring -------------------------------------------------------------------
+def test_budget_one_equals_unpatched(case):
+    model = make_model(case)
+    x = images(4)
+    with torch.no_grad():
+        expected = model(x)
+        ttp.patch_model(model, budget=1.0, prune_locations=LOCATIONS)
+        got = model(x)
+    assert (got - expected).abs().max().item() <= 1e-5
+    assert ttp.last_stats(model).kept_min == [ttp.last_stats(model).tokens] * len(LOCATIONS)
+
+
+def test_unpatch_restores_exactly(case):
+    model = make_model(case)
+    x = images(3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    classes = {name: type(m) for name, m in model.named_modules()}
+    with torch.no_grad():
+        expected = model(x)
+    ttp.patch_model(model, budget=0.5, prune_locations=LOCATIONS)
+    with torch.no_grad():
+        model(x)
+    ttp.unpatch_model(model)
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)
+    assert {name: type(m) for name, m in model.named_modules()} == classes
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_weights_shared_and_only_thresholds_added():
+    model = make_model("deit_distilled")
+    pointers = {k: v.data_ptr() for k, v in model.state_dict().items()}
+    ttp.patch_model(model, budget=0.6, prune_locations=LOCATIONS)
+    state = model.state_dict()
+    assert set(state) - set(pointers) == {"token_pruner.thresholds"}
+    assert all(state[k].data_ptr() == p for k, p in pointers.items())
+    assert state["token_pruner.thresholds"].shape == (len(LOCATIONS),)
+
+
+def test_default_locations_follow_the_paper():
+    assert ttp.get_pruner(ttp.patch_model(make_model("vit", depth=12))).locations == (4, 7, 10)
+    assert ttp.get_pruner(ttp.patch_model(make_model("vit", depth=16))).locations == (5, 9, 13)
+    assert ttp.get_pruner(ttp.patch_model(make_model("vit", depth=20))).locations == (6, 11, 16)
+
+
+# ---- inference: real dropping --------------------------------------------------------------------
+def test_pruning_drops_tokens_with_counts_varying_per_image(case):
+    model = patched(case)
+    with torch.no_grad():
+        model(images(8))
+    stats = ttp.last_stats(model)
+    assert stats.kept_max[-1] < stats.tokens
+    assert stats.kept_min[-1] < stats.kept_max[-1], "the batch should mix keep counts"
+    assert abs(stats.flops_ratio - 0.5) < 0.15
+
+
+def test_batch_invariance(case):
+    model = patched(case)
+    x = images(6, seed=3)
+    with torch.no_grad():
+        batched = model(x)
+        counts = [c.tolist() for c in ttp.get_pruner(model).state.counts]
+        singles = torch.cat([model(x[i : i + 1]) for i in range(len(x))])
+    assert len(set(counts[-1])) > 1, f"keep counts should differ across the batch: {counts}"
+    assert (batched - singles).abs().max().item() <= 1e-4
+
+
+def _slow_reference(model: torch.nn.Module, x: torch.Tensor, thresholds: list[float], locations) -> torch.Tensor:
+    """One image through the *unpatched* model block by block, with the AS-ViT score computed from the
+    full attention matrix, dropping tokens with S <= theta (the best patch always stays)."""
+    prefix = model.num_prefix_tokens
+    t = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+    for index, block in enumerate(model.blocks):
+        stage = locations.index(index + 1) if index + 1 in locations else None
+        if stage is not None:
+            attn = block.attn
+            h = block.norm1(t)
+            B, N, _ = h.shape
+            q, k, v = attn.qkv(h).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+            q, k = attn.q_norm(q), attn.k_norm(k)
+            probs = ((q @ k.transpose(-2, -1)) * attn.scale).softmax(-1)  # B, H, N, N
+            head_out = probs @ v  # B, H, N, hd
+            norms = head_out.norm(dim=-1)
+            score = ((norms / (norms.sum(1, keepdim=True) + 1e-8)) * probs[:, :, 0, :]).sum(1)[0]
+        t = block(t)
+        if stage is not None:
+            keep = score > thresholds[stage]
+            keep[:prefix] = True
+            keep[prefix + int(score[prefix:].argmax())] = True
+            t = t[:, keep]
+    return model.forward_head(model.norm(t))
+
+
+def test_matches_slow_reference_loop(case):
+    model = patched(case, budget=0.5)
+    reference = copy.deepcopy(model)
+    ttp.unpatch_model(reference)
+    thresholds = ttp.get_pruner(model).thresholds.tolist()
+    x = images(4, seed=5)
+    with torch.no_grad():
+        for i in range(len(x)):
+            got = model(x[i : i + 1])
+            assert ttp.last_stats(model).kept_mean[-1] < ttp.last_stats(model).tokens
+            expected = _slow_reference(reference, x[i : i + 1], thresholds, LOCATIONS)
+            assert (got - expected).abs().max().item() <= 1e-4
+
+
+def test_training_masks_give_the_same_output_as_dropping(case):
+    """Masking pruned tokens as keys in training is the same function as removing them in eval."""
+    model = patched(case)
+    x = images(5, seed=4)
+    with torch.no_grad():
+        dropped = model(x)
+        model.train()
+        masked = model(x)
+    if isinstance(masked, tuple):  # distilled heads in training
+        masked = (masked[0] + masked[1]) / 2
+    assert (masked - dropped).abs().max().item() <= 1e-4
+    train_counts = ttp.last_stats(model).kept_mean
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    assert train_counts == pytest.approx(ttp.last_stats(model).kept_mean)
+
+
+# ---- training ------------------------------------------------------------------------------------
+def test_gradients_reach_thresholds():
+    model = patched("vit")
+    model.train()
+    x, y = images(8), torch.arange(8) % 10
+    loss = F.cross_entropy(model(x), y) + 2.0 * ttp.budget_loss(model)
+    loss.backward()
+    grad = ttp.get_pruner(model).thresholds.grad
+    assert grad is not None and torch.isfinite(grad).all() and (grad != 0).all()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_threshold_steps_lower_budget_loss():
+    model = patched("vit", budget=0.5)
+    pruner = ttp.get_pruner(model)
+    pruner.config.budget = 0.75  # the thresholds must move to meet a new budget
+    model.train()
+    x = images(16, seed=6)
+    optimizer = torch.optim.Adam([pruner.thresholds], lr=3e-3)
+    losses = []
+    for _ in range(8):
+        model(x)
+        loss = ttp.budget_loss(model)
+        losses.append(loss.item())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model(x)
+    final = ttp.budget_loss(model).item()
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert final < losses[0] * 0.5, losses + [final]
+
+
+# ---- FLOPs ---------------------------------------------------------------------------------------
+def _counted_gmacs(model: torch.nn.Module, x: torch.Tensor) -> float:
+    def sdpa_cpu(query, key, value, *args, **kwargs):  # FlopCounterMode passes shapes
+        return sdpa_flop_count(query, key, value)  # shapes
+
+    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: sdpa_cpu}
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        model(x)
+    return counter.get_total_flops() / 2 / 1e9
+
+
+@pytest.mark.parametrize("case", ["vit", "deit_distilled"])
+def test_flops_agree_with_flop_counter(case):
+    x = images(1, seed=7)
+    dense = make_model(case, embed_dim=96, depth=6)
+    dense_counted = _counted_gmacs(dense, x)
+    model = ttp.patch_model(make_model(case, embed_dim=96, depth=6), budget=0.5, prune_locations=LOCATIONS)
+    ttp.calibrate(model, [images(16, seed=8)])
+    pruned_counted = _counted_gmacs(model, x)
+    stats = ttp.last_stats(model)
+    assert stats.flops_ratio < 0.8
+    assert stats.dense_gflops == pytest.approx(dense_counted, rel=0.02)
+    assert stats.gflops == pytest.approx(pruned_counted, rel=0.02)
+
+
+def test_calibrate_meets_budget_on_held_out_batches():
+    model = ttp.patch_model(make_model("vit", depth=8), budget=0.6)
+    ttp.calibrate(model, [images(16, seed=s) for s in range(20, 24)])
+    with torch.no_grad():
+        ratios = []
+        for s in range(30, 34):
+            model(images(16, seed=s))
+            ratios.append(ttp.last_stats(model).flops_ratio)
+    assert sum(ratios) / len(ratios) == pytest.approx(0.6, abs=0.02)
+
+
+# ---- other modes ---------------------------------------------------------------------------------
+def test_topk_policy_keeps_equal_counts_and_is_batch_invariant():
+    model = ttp.patch_model(make_model("vit"), budget=0.5, prune_locations=LOCATIONS, keep_policy="topk", score="mean")
+    x = images(6)
+    with torch.no_grad():
+        batched = model(x)
+        stats = ttp.last_stats(model)
+        singles = torch.cat([model(x[i : i + 1]) for i in range(len(x))])
+    assert stats.kept_min == stats.kept_max and stats.kept_max[-1] < stats.tokens
+    assert stats.flops_ratio == pytest.approx(0.5, abs=0.03)
+    assert (batched - singles).abs().max().item() <= 1e-4
+
+
+def test_other_image_size_with_dynamic_img_size():
+    model = make_model("vit", dynamic_img_size=True)
+    x = images(2, size=48)
+    with torch.no_grad():
+        expected = model(x)
+        ttp.patch_model(model, budget=1.0, prune_locations=LOCATIONS)
+        assert (model(x) - expected).abs().max().item() <= 1e-5
+    assert ttp.last_stats(model).tokens == (48 // 4) ** 2 + 1
+
+
+def test_deepcopy_and_state_dict_round_trip():
+    model = patched("vit")
+    clone = copy.deepcopy(model)
+    assert ttp.get_pruner(clone) is not ttp.get_pruner(model)
+    assert clone.blocks[LOCATIONS[0] - 1]._token_pruner is ttp.get_pruner(clone)
+    fresh = ttp.patch_model(make_model("vit", seed=9), budget=0.5, prune_locations=LOCATIONS)
+    fresh.load_state_dict(model.state_dict())
+    x = images(4)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))

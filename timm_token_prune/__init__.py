@@ -1,0 +1,23 @@
+"""timm-token-prune: learnable adaptive token pruning (AS-ViT) for timm and Hugging Face ViTs."""
+
+from .api import budget_loss, calibrate, get_pruner, last_stats, patch_model, unpatch_model
+from .config import PruneConfig
+from .errors import AlreadyPatchedError, NotPatchedError, UnsupportedModelError
+from .pruner import PruneStats, TokenPruner
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AlreadyPatchedError",
+    "NotPatchedError",
+    "PruneConfig",
+    "PruneStats",
+    "TokenPruner",
+    "UnsupportedModelError",
+    "budget_loss",
+    "calibrate",
+    "get_pruner",
+    "last_stats",
+    "patch_model",
+    "unpatch_model",
+]

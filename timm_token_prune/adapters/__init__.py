@@ -1,0 +1,14 @@
+"""One thin adapter per model zoo. Each module provides NAME, SUPPORTED, matches(model),
+check(model, config) -> locations (raises UnsupportedModelError), patch(model, config, locations)
+-> TokenPruner, unpatch(model)."""
+
+from . import timm
+
+ADAPTERS = (timm,)
+
+
+def find_adapter(model):
+    for adapter in ADAPTERS:
+        if adapter.matches(model):
+            return adapter
+    return None

@@ -1,0 +1,181 @@
+"""Public functions: patch / unpatch a model, calibrate its thresholds, read its loss and statistics."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adapters import ADAPTERS, find_adapter
+from .config import PruneConfig
+from .errors import AlreadyPatchedError, NotPatchedError, UnsupportedModelError
+from .flops import solve_keep_ratio
+from .pruner import PruneStats, StopForward, TokenPruner
+
+
+def patch_model(model: nn.Module, budget: float = 0.65, *, config: PruneConfig | None = None, **options: Any) -> nn.Module:
+    """Patch `model` in place for adaptive token pruning and return the same object.
+
+    `budget` is the target fraction of the dense FLOPs; `options` are other `PruneConfig` fields (or pass a
+    whole `config`). Weights are shared, not copied; the only new parameters are `token_pruner.thresholds`.
+    Every check runs before anything changes, so a failure leaves the model as it was.
+    """
+    if config is None:
+        config = PruneConfig(budget=budget, **options)
+    elif options or budget != 0.65:
+        raise ValueError("pass either config=PruneConfig(...) or budget/options, not both")
+    else:
+        config = PruneConfig.from_dict(config.to_dict())  # the model gets its own copy
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"patch_model expects a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(getattr(model, "token_pruner", None), TokenPruner):
+        raise AlreadyPatchedError(
+            f"this {type(model).__name__} is already patched: call unpatch_model(model) before patching it again"
+        )
+    adapter = find_adapter(model)
+    if adapter is None:
+        supported = "; ".join(a.SUPPORTED for a in ADAPTERS)
+        raise UnsupportedModelError(f"cannot patch {type(model).__name__}: no adapter knows it. Supported: {supported}.")
+    locations = adapter.check(model, config)
+    pruner = adapter.patch(model, config, locations)
+    pruner.train(model.training)  # a new module starts in train mode; follow the model's
+    return model
+
+
+def unpatch_model(model: nn.Module) -> nn.Module:
+    """Restore the original modules (the thresholds are removed) and return the same object."""
+    get_pruner(model)
+    find_adapter(model).unpatch(model)
+    return model
+
+
+def get_pruner(model: nn.Module) -> TokenPruner:
+    pruner = getattr(model, "token_pruner", None)
+    if not isinstance(pruner, TokenPruner):
+        raise NotPatchedError(f"this {type(model).__name__} is not patched: call patch_model(model, budget) first")
+    return pruner
+
+
+def budget_loss(model: nn.Module) -> torch.Tensor:
+    """|mean FLOPs / dense FLOPs - budget| of the last forward, differentiable through the soft masks."""
+    return get_pruner(model).budget_loss()
+
+
+def last_stats(model: nn.Module) -> PruneStats:
+    """Kept-token counts per stage and GFLOPs (multiply-accumulates) of the last forward."""
+    return get_pruner(model).stats()
+
+
+def _images(batch: Any) -> torch.Tensor:
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, Mapping) and "pixel_values" in batch:
+        return batch["pixel_values"]
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0]
+    raise TypeError(
+        f"calibrate takes batches of images: tensors, (images, labels) tuples or dicts with 'pixel_values'; "
+        f"got {type(batch).__name__}"
+    )
+
+
+@torch.no_grad()
+def calibrate(
+    model: nn.Module, batches: Iterable[Any], budget: float | None = None, *, tolerance: float = 0.01, max_rounds: int = 6
+) -> PruneStats:
+    """Set the thresholds (or top-k keep ratios) from score quantiles on sample batches so that the mean
+    FLOPs ratio over them meets `budget` (default: the config's). Returns the statistics over all batches.
+
+    Keep fractions follow a geometric schedule (rho, rho^2, rho^3 of the patches survive the stages);
+    thresholds are set stage by stage as quantiles of the surviving tokens' scores, and rho is corrected
+    until the measured ratio is within `tolerance` of the budget.
+    """
+    pruner = get_pruner(model)
+    config = pruner.config
+    budget = config.budget if budget is None else PruneConfig(budget=budget).budget
+    device = pruner.thresholds.device
+    images = [_images(b).to(device) for b in batches]
+    if not images:
+        raise ValueError("calibrate needs at least one batch of images")
+    was_training = model.training
+    model.eval()
+    try:
+        model(images[0][:1])
+        tokens = pruner.state.num_tokens
+        prefix, patches = pruner.num_prefix_tokens, tokens - pruner.num_prefix_tokens
+        stages = len(pruner.locations)
+        target = budget
+        for _ in range(max_rounds):
+            rho = solve_keep_ratio(pruner.flops, min(target, 1.0), tokens, patches, prefix, config.min_keep)
+            if config.keep_policy == "topk":
+                config.keep_ratios = (rho,) * stages
+            else:
+                _fit_thresholds(model, pruner, images, rho, budget)
+            stats = _measure(model, pruner, images)
+            error = stats.flops_ratio - budget
+            if abs(error) <= tolerance or budget >= 1.0 or (target >= 1.0 and error < 0):
+                break
+            target = target - error
+    finally:
+        model.train(was_training)
+    if abs(stats.flops_ratio - budget) > tolerance:
+        warnings.warn(
+            f"calibrate reached a FLOPs ratio of {stats.flops_ratio:.3f} for budget {budget} "
+            "(more or more varied calibration images help)",
+            stacklevel=2,
+        )
+    config.budget = budget
+    return stats
+
+
+def _fit_thresholds(model: nn.Module, pruner: TokenPruner, images: list[torch.Tensor], rho: float, budget: float) -> None:
+    thresholds = pruner.thresholds
+    thresholds.fill_(-1.0)  # keep all while the later stages are unset
+    if budget >= 1.0:
+        return
+    prefix = pruner.num_prefix_tokens
+    for stage in range(len(pruner.locations)):
+        scores = []
+        for x in images:
+            _run_until(model, pruner, x, stage)
+            s, eligible = pruner.state.stage_scores[stage]
+            s = s[:, prefix:]
+            scores.append(s[eligible[:, prefix:]] if eligible is not None else s.flatten())
+        scores = torch.cat(scores).float()
+        drop = min(max(1.0 - rho, 0.0), 1.0)
+        thresholds[stage] = torch.quantile(scores, drop) if drop > 0 else -1.0
+
+
+def _run_until(model: nn.Module, pruner: TokenPruner, x: torch.Tensor, stage: int) -> None:
+    """Run `model(x)` only up to the scoring block of `stage` (calibration passes)."""
+    pruner.stop_after = stage
+    try:
+        model(x)
+    except StopForward:
+        pass
+    finally:
+        pruner.stop_after = None
+
+
+def _measure(model: nn.Module, pruner: TokenPruner, images: list[torch.Tensor]) -> PruneStats:
+    per_image, counts = [], []
+    for x in images:
+        model(x)
+        stats = pruner.stats()
+        per_image += stats.gflops_per_image
+        counts.append([c.detach().double() for c in pruner.state.counts])
+    merged = [torch.cat([c[s] for c in counts]) for s in range(len(pruner.locations))]
+    gflops = sum(per_image) / len(per_image)
+    return dataclasses.replace(
+        stats,
+        kept_mean=[c.mean().item() for c in merged],
+        kept_min=[c.min().item() for c in merged],
+        kept_max=[c.max().item() for c in merged],
+        gflops=gflops,
+        gflops_per_image=per_image,
+        flops_ratio=gflops / stats.dense_gflops,
+    )

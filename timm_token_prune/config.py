@@ -1,0 +1,121 @@
+"""`PruneConfig`: every option of the pruning method, validated and JSON-serialisable."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+FORMAT_VERSION = 1
+SCORES = ("head_norm", "mean")
+KEEP_POLICIES = ("threshold", "topk")
+# The paper's threshold initialisation, for 196 patch tokens (224 px, patch 16).
+REFERENCE_THRESHOLDS = (0.001, 0.002, 0.003)
+REFERENCE_NUM_PATCHES = 196
+
+
+@dataclass
+class PruneConfig:
+    """Options of adaptive token pruning (AS-ViT). See the README for the method."""
+
+    budget: float = field(
+        default=0.65,
+        metadata={"help": "Target fraction of the dense model's FLOPs, in (0, 1]; 1.0 keeps every token."},
+    )
+    prune_locations: tuple[int, ...] | None = field(
+        default=None,
+        metadata={
+            "help": "Block indices (0-based) before which tokens are pruned; the scores come from the block "
+            "just before each. None: floor(s * depth / 4) + 1 for s = 1, 2, 3 (4, 7, 10 for 12 blocks)."
+        },
+    )
+    score: str = field(
+        default="head_norm",
+        metadata={
+            "help": "'head_norm': class-token attention weighted per head by the head output's L2 norm "
+            "(AS-ViT); 'mean': class-token attention averaged over heads (EViT)."
+        },
+    )
+    keep_policy: str = field(
+        default="threshold",
+        metadata={
+            "help": "'threshold': per-image adaptive counts from learnable thresholds (AS-ViT); "
+            "'topk': a fixed fraction `keep_ratios` of the patch tokens per stage (EViT-style, static shapes)."
+        },
+    )
+    temperature: float = field(
+        default=1e-4, metadata={"help": "Temperature T of the training soft mask sigmoid((S - theta) / T)."}
+    )
+    threshold_init: tuple[float, ...] | None = field(
+        default=None,
+        metadata={
+            "help": "Initial threshold per stage. None: the paper's (0.001, 0.002, 0.003) scaled by "
+            "196 / num_patches (scores shrink as 1 / tokens); all -1 (keep everything) when budget is 1.0."
+        },
+    )
+    keep_ratios: tuple[float, ...] | None = field(
+        default=None,
+        metadata={
+            "help": "For keep_policy='topk': fraction of the surviving patch tokens kept at each stage. "
+            "None: set by `calibrate` (or solved from the FLOPs model at patch time)."
+        },
+    )
+    min_keep: int = field(default=1, metadata={"help": "Patch tokens always kept per image (highest scores)."})
+    format_version: int = field(default=FORMAT_VERSION, metadata={"help": "Serialisation format version."})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)):
+            raise TypeError(f"budget must be a number in (0, 1], got {self.budget!r}")
+        if not (0.0 < float(self.budget) <= 1.0) or math.isnan(self.budget):
+            raise ValueError(
+                f"budget must be in (0, 1] (the fraction of dense FLOPs to keep), got {self.budget!r}; "
+                "use e.g. budget=0.65, or 1.0 to keep every token"
+            )
+        self.budget = float(self.budget)
+        if self.prune_locations is not None:
+            locations = tuple(int(i) for i in self.prune_locations)
+            if not locations or list(locations) != sorted(set(locations)) or locations[0] < 1:
+                raise ValueError(
+                    f"prune_locations must be strictly increasing block indices >= 1, got {self.prune_locations!r}"
+                )
+            self.prune_locations = locations
+        if self.score not in SCORES:
+            raise ValueError(f"score must be one of {SCORES}, got {self.score!r}")
+        if self.keep_policy not in KEEP_POLICIES:
+            raise ValueError(f"keep_policy must be one of {KEEP_POLICIES}, got {self.keep_policy!r}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+        if self.threshold_init is not None:
+            self.threshold_init = tuple(float(t) for t in self.threshold_init)
+        if self.keep_ratios is not None:
+            self.keep_ratios = tuple(float(r) for r in self.keep_ratios)
+            if any(not 0.0 < r <= 1.0 for r in self.keep_ratios):
+                raise ValueError(f"keep_ratios must each be in (0, 1], got {self.keep_ratios!r}")
+        if int(self.min_keep) < 1:
+            raise ValueError(f"min_keep must be >= 1 so pooling never sees an empty set, got {self.min_keep!r}")
+        if self.format_version > FORMAT_VERSION:
+            raise ValueError(
+                f"this PruneConfig has format_version {self.format_version}, newer than this library's "
+                f"{FORMAT_VERSION}: upgrade timm-token-prune"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PruneConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            warnings.warn(f"PruneConfig: ignoring unknown keys {unknown} (saved by a newer version?)", stacklevel=2)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    @classmethod
+    def from_json(cls, text: str) -> "PruneConfig":
+        return cls.from_dict(json.loads(text))

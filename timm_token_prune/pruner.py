@@ -1,0 +1,267 @@
+"""`TokenPruner`: the learnable thresholds and the per-forward state shared by a model's patched blocks.
+
+Adapters call three hooks from the patched modules:
+`begin()` at the start of the model's forward, `attention()` in each attention after the first
+pruning point (and in the scoring ones), `prune()` at the end of each scoring block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import core
+from .config import REFERENCE_NUM_PATCHES, REFERENCE_THRESHOLDS, PruneConfig
+from .flops import FlopsModel, solve_keep_ratio
+
+_KEEP_ALL = -1.0  # scores are >= 0, so this threshold keeps every token
+
+
+class StopForward(Exception):
+    """Raised by `prune()` at `state.stop_after` to end a calibration pass early."""
+
+
+class ForwardState:
+    """What one forward pass knows about its tokens; replaced by `TokenPruner.begin()`."""
+
+    def __init__(self, stop_after: int | None = None) -> None:
+        self.num_tokens: int | None = None  # tokens per image before any pruning
+        self.valid: torch.Tensor | None = None  # eval, bool (B, N): real tokens of a padded batch
+        self.pack_index: torch.Tensor | None = None  # eval: flat positions in (B * N) of the packed tokens
+        self.unpack_index: torch.Tensor | None = None  # eval: packed row read by each of the B * N positions
+        self.soft_mask: torch.Tensor | None = None  # train, float (B, N): straight-through keep mask
+        self.count_mask: torch.Tensor | None = None  # train: the same values, for the FLOPs loss
+        self.scores: torch.Tensor | None = None  # scores of the current scoring block
+        self.counts: list[torch.Tensor] = []  # tokens per image entering each pruned stage
+        self.stage_scores: list[tuple[torch.Tensor, torch.Tensor | None]] = []  # (scores, eligible)
+        self.token_index: torch.Tensor | None = None  # eval: source position of each current token
+        self.kept_index: list[tuple[torch.Tensor, torch.Tensor | None]] = []  # eval: (index, valid) per stage
+        self.stop_after = stop_after
+
+
+@dataclass
+class PruneStats:
+    """Statistics of the last forward pass (see `last_stats`)."""
+
+    locations: tuple[int, ...]  # block indices where the pruned stages start
+    tokens: int  # tokens per image before pruning, prefix tokens included
+    kept_mean: list[float]  # per stage: tokens per image entering it (prefix included), batch mean
+    kept_min: list[float]
+    kept_max: list[float]
+    gflops: float  # GMACs per image, batch mean
+    gflops_per_image: list[float]
+    dense_gflops: float  # GMACs per image of the unpatched model
+    flops_ratio: float  # gflops / dense_gflops
+
+
+class TokenPruner(nn.Module):
+    """Holds the per-stage thresholds (the only new parameters) and the state of the last forward."""
+
+    def __init__(self, config: PruneConfig, flops: FlopsModel, num_prefix_tokens: int, num_patches: int) -> None:
+        super().__init__()
+        self.config = config
+        self.flops = flops
+        self.num_prefix_tokens = num_prefix_tokens
+        stages = len(flops.locations)
+        if config.threshold_init is not None:
+            if len(config.threshold_init) != stages:
+                raise ValueError(
+                    f"threshold_init has {len(config.threshold_init)} values for {stages} pruning stages "
+                    f"(prune_locations={flops.locations}): give one per stage"
+                )
+            init = list(config.threshold_init)
+        elif config.budget >= 1.0:
+            init = [_KEEP_ALL] * stages
+        else:
+            step = REFERENCE_THRESHOLDS[0] * REFERENCE_NUM_PATCHES / max(num_patches, 1)
+            init = [step * (s + 1) for s in range(stages)]
+        self.thresholds = nn.Parameter(torch.tensor(init, dtype=torch.float32))
+        if config.keep_policy == "topk" and config.keep_ratios is None:
+            rho = solve_keep_ratio(
+                flops, config.budget, num_prefix_tokens + num_patches, num_patches, num_prefix_tokens, config.min_keep
+            )
+            config.keep_ratios = (rho,) * stages
+        if config.keep_ratios is not None and len(config.keep_ratios) != stages:
+            raise ValueError(f"keep_ratios needs one value per pruning stage ({stages}), got {config.keep_ratios}")
+        self._state: ForwardState | None = None
+        self.stop_after: int | None = None  # calibration: end forward passes at this stage's scores
+
+    @property
+    def locations(self) -> tuple[int, ...]:
+        return self.flops.locations
+
+    @property
+    def state(self) -> ForwardState:
+        if self._state is None:
+            raise RuntimeError("no forward pass has run through the patched model yet: call model(images) first")
+        return self._state
+
+    def begin(self) -> None:
+        self._state = ForwardState(self.stop_after)
+
+    def masking(self) -> bool:
+        """Whether attentions must hide some keys (padding in eval, pruned tokens in training)."""
+        state = self.state
+        return state.valid is not None or state.soft_mask is not None
+
+    def attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, dropout_p: float, stage: int | None
+    ) -> torch.Tensor:
+        """Masked fused attention; a scoring attention (`stage` set) also records the token scores."""
+        state = self.state
+        if state.num_tokens is None:
+            state.num_tokens = q.shape[2]
+        context = core.attend(
+            q, k, v, valid=state.valid, soft_mask=state.soft_mask, dropout_p=dropout_p, scale=scale
+        )
+        if stage is not None:
+            state.scores = core.class_token_scores(
+                q, k, context, scale=scale, method=self.config.score, valid=state.valid, soft_mask=state.soft_mask
+            )
+        return context
+
+    def prune(self, x: torch.Tensor, stage: int) -> torch.Tensor:
+        """Drop (eval) or mask (train) the tokens of `x` that the last scoring attention rated low."""
+        state = self.state
+        scores, state.scores = state.scores, None
+        if scores is None:
+            raise RuntimeError("prune() called without scores: the scoring attention did not run")
+        eligible = state.valid if not self.training else _hard(state.soft_mask)
+        state.stage_scores.append((scores.detach(), eligible))
+        if state.stop_after == stage:
+            raise StopForward
+        keep = self._keep(scores.detach(), stage, eligible)
+        if self.training:
+            self._mask(scores, stage, keep)
+            return x
+        return self._gather(x, keep)
+
+    def _keep(self, scores: torch.Tensor, stage: int, eligible: torch.Tensor | None) -> torch.Tensor:
+        prefix = self.num_prefix_tokens
+        if self.config.keep_policy == "topk":
+            k = self.topk_counts(self.state.num_tokens - prefix)[stage]
+            return core.topk_keep(scores, num_prefix=prefix, k=k, eligible=eligible)
+        return core.hard_keep(
+            scores, self.thresholds[stage], num_prefix=prefix, min_keep=self.config.min_keep, eligible=eligible
+        )
+
+    def topk_counts(self, num_patches: int) -> list[int]:
+        """keep_policy 'topk': patch tokens kept at each stage, the same for every image."""
+        counts, patches = [], num_patches
+        for ratio in self.config.keep_ratios:
+            patches = min(patches, max(self.config.min_keep, round(ratio * patches)))
+            counts.append(patches)
+        return counts
+
+    def _mask(self, scores: torch.Tensor, stage: int, keep: torch.Tensor) -> None:
+        """Training: hide pruned tokens as keys from here on (masks multiply across stages).
+
+        Two straight-through masks: the attention one lets the task loss reach the scores too; the one
+        counted by the FLOPs loss sees detached scores, so that loss moves the thresholds through the
+        masks only. (Through the scores, a threshold change also re-normalises the next stages' class
+        attention; at T = 1e-4 that path is amplified 1/T-fold and points the wrong way.)"""
+        state = self.state
+        if self.config.keep_policy == "topk":
+            mask = count_mask = keep.to(scores.dtype)
+        else:
+            threshold, temperature = self.thresholds[stage], self.config.temperature
+            mask = self._with_prefix(core.straight_through_mask(scores, threshold, temperature, keep))
+            count_mask = self._with_prefix(core.straight_through_mask(scores.detach(), threshold, temperature, keep))
+        if state.soft_mask is not None:
+            mask = mask * state.soft_mask
+            count_mask = count_mask * state.count_mask
+        state.soft_mask, state.count_mask = mask, count_mask
+        state.counts.append(count_mask.sum(dim=1))
+
+    def _with_prefix(self, mask: torch.Tensor) -> torch.Tensor:
+        prefix = self.num_prefix_tokens
+        return torch.cat([torch.ones_like(mask[:, :prefix]), mask[:, prefix:]], dim=1)
+
+    def _gather(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        state = self.state
+        x = self.unpack(x)
+        batch, tokens = keep.shape
+        counts = keep.sum(dim=1)
+        state.counts.append(counts)
+        if state.token_index is None:
+            state.token_index = torch.arange(tokens, device=x.device).expand(batch, tokens)
+        if self.config.keep_policy == "topk":
+            most = fewest = int(keep[0].sum()) if batch else tokens
+            total = most * batch
+        else:  # the one host sync of a pruning point
+            most, fewest, total = torch.stack([counts.max(), counts.min(), counts.sum()]).tolist()
+        if fewest == tokens:  # nothing dropped, no padding
+            state.kept_index.append((state.token_index, None))
+            return x
+        x, order = core.gather_kept(x, keep, most)
+        state.token_index = state.token_index.gather(1, order)
+        if most == fewest:
+            state.valid = state.pack_index = state.unpack_index = None
+        else:
+            state.valid = torch.arange(most, device=x.device) < counts[:, None]
+            state.pack_index, state.unpack_index = core.packing(state.valid, total)
+        state.kept_index.append((state.token_index, state.valid))
+        return self.pack(x)
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, C) padded tokens -> (1, T, C) with only the real ones, when the batch is padded.
+
+        Blocks then run their linear layers on real tokens only; attention unpacks them (`unpack`)."""
+        index = self.state.pack_index
+        return x if index is None else x.flatten(0, 1).index_select(0, index)[None]
+
+    def unpack(self, x: torch.Tensor, zero_padding: bool = False) -> torch.Tensor:
+        """Inverse of `pack`: (1, T, C) -> (B, N, C). Padding holds a copy of the image's first token
+        (finite, and hidden as a key), or zeros with `zero_padding`."""
+        state = self.state
+        if state.pack_index is None:
+            return x
+        batch, tokens = state.valid.shape
+        if zero_padding:
+            out = x.new_zeros(batch * tokens, x.shape[-1]).index_copy_(0, state.pack_index, x[0])
+        else:
+            out = x[0].index_select(0, state.unpack_index)
+        return out.view(batch, tokens, -1)
+
+    def pool_weights(self) -> torch.Tensor | None:
+        """Weights (B, N) of the current tokens for average pooling, or None when all count equally."""
+        state = self.state
+        return state.soft_mask if state.soft_mask is not None else state.valid
+
+    # ---- FLOPs -------------------------------------------------------------------------------------
+    def _macs(self) -> tuple[torch.Tensor | float, float]:
+        state = self.state
+        tokens = state.num_tokens
+        if tokens is None or len(state.counts) != len(self.locations):
+            raise RuntimeError("the last forward pass did not reach every pruning point: run a full forward first")
+        patches = tokens - self.num_prefix_tokens
+        macs = self.flops.macs(state.counts, tokens, patches)
+        return macs, self.flops.dense_macs(tokens, patches)
+
+    def budget_loss(self) -> torch.Tensor:
+        macs, dense = self._macs()
+        ratio = torch.as_tensor(macs, dtype=torch.float32).mean() / dense
+        return (ratio - self.config.budget).abs()
+
+    def stats(self) -> PruneStats:
+        macs, dense = self._macs()
+        state = self.state
+        per_image = torch.as_tensor(macs, dtype=torch.float64).detach().flatten()
+        counts = [c.detach().double() for c in state.counts]
+        return PruneStats(
+            locations=self.locations,
+            tokens=int(state.num_tokens),
+            kept_mean=[c.mean().item() for c in counts],
+            kept_min=[c.min().item() for c in counts],
+            kept_max=[c.max().item() for c in counts],
+            gflops=per_image.mean().item() / 1e9,
+            gflops_per_image=(per_image / 1e9).tolist(),
+            dense_gflops=dense / 1e9,
+            flops_ratio=per_image.mean().item() / dense,
+        )
+
+
+def _hard(mask: torch.Tensor | None) -> torch.Tensor | None:
+    return None if mask is None else mask.detach() > 0.5
