@@ -249,3 +249,51 @@ def test_deepcopy_and_state_dict_round_trip():
     x = images(4)
     with torch.no_grad():
         assert torch.equal(fresh(x), model(x))
+
+
+def test_kept_positions_are_nested_and_match_counts():
+    model = patched("registers")
+    with torch.no_grad():
+        model(images(5))
+    pruner = ttp.get_pruner(model)
+    previous = None
+    for (positions, valid), counts in zip(pruner.kept_positions(), pruner.state.counts):
+        valid = torch.ones_like(positions, dtype=torch.bool) if valid is None else valid
+        assert valid.sum(1).tolist() == counts.tolist()
+        for b in range(positions.shape[0]):
+            kept = set(positions[b][valid[b]].tolist())
+            assert set(range(model.num_prefix_tokens)) <= kept
+            assert previous is None or kept <= previous[b]
+        previous = [set(positions[b][valid[b]].tolist()) for b in range(positions.shape[0])]
+
+
+# Real timm registry configurations (random weights, small images): the families the README promises.
+REGISTRY = {
+    "deit_tiny_patch16_224": dict(img_size=64),
+    "deit_tiny_distilled_patch16_224": dict(img_size=64),
+    "deit3_small_patch16_224": dict(img_size=64),
+    "vit_small_patch14_reg4_dinov2": dict(img_size=56),
+    "vit_small_patch16_224": dict(img_size=64, global_pool="avg"),
+    "vit_small_patch14_dinov2": dict(img_size=56),
+    "test_vit": dict(),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_registry_models_patch_exactly(name):
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, **REGISTRY[name]).eval()
+    size = model.patch_embed.img_size
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 3, *size, generator=g)
+    with torch.no_grad():
+        expected = model(x)
+        ttp.patch_model(model, budget=1.0)
+        assert (model(x) - expected).abs().max().item() <= 1e-5
+        ttp.unpatch_model(model)
+        ttp.patch_model(model, budget=0.6)
+        ttp.calibrate(model, [torch.randn(8, 3, *size, generator=g)])
+        assert torch.isfinite(model(x)).all()
+        assert ttp.last_stats(model).flops_ratio < 0.8

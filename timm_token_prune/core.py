@@ -86,11 +86,13 @@ def hard_keep(
     keep = scores > threshold
     if eligible is not None:
         keep &= eligible
-    else:
-        eligible = torch.ones_like(keep)
     keep[:, :num_prefix] = True
     k = min(min_keep, scores.shape[1] - num_prefix)
-    if k > 0:
+    if k == 1 and eligible is None:
+        keep |= scores >= scores[:, num_prefix:].amax(dim=1, keepdim=True)
+    elif k > 0:
+        if eligible is None:
+            eligible = torch.ones_like(keep)
         keep.scatter_(1, _top_patches(scores, eligible, num_prefix, k), True)
     return keep
 

@@ -36,8 +36,7 @@ class ForwardState:
         self.scores: torch.Tensor | None = None  # scores of the current scoring block
         self.counts: list[torch.Tensor] = []  # tokens per image entering each pruned stage
         self.stage_scores: list[tuple[torch.Tensor, torch.Tensor | None]] = []  # (scores, eligible)
-        self.token_index: torch.Tensor | None = None  # eval: source position of each current token
-        self.kept_index: list[tuple[torch.Tensor, torch.Tensor | None]] = []  # eval: (index, valid) per stage
+        self.kept: list[tuple[torch.Tensor | None, torch.Tensor | None]] = []  # eval, per stage: (order, valid)
         self.stop_after = stop_after
 
 
@@ -185,25 +184,38 @@ class TokenPruner(nn.Module):
         batch, tokens = keep.shape
         counts = keep.sum(dim=1)
         state.counts.append(counts)
-        if state.token_index is None:
-            state.token_index = torch.arange(tokens, device=x.device).expand(batch, tokens)
         if self.config.keep_policy == "topk":
             most = fewest = int(keep[0].sum()) if batch else tokens
             total = most * batch
-        else:  # the one host sync of a pruning point
-            most, fewest, total = torch.stack([counts.max(), counts.min(), counts.sum()]).tolist()
+        else:
+            per_image = counts.tolist()  # the one host sync of a pruning point
+            most, fewest, total = max(per_image), min(per_image), sum(per_image)
         if fewest == tokens:  # nothing dropped, no padding
-            state.kept_index.append((state.token_index, None))
+            state.kept.append((None, None))
             return x
         x, order = core.gather_kept(x, keep, most)
-        state.token_index = state.token_index.gather(1, order)
         if most == fewest:
             state.valid = state.pack_index = state.unpack_index = None
         else:
             state.valid = torch.arange(most, device=x.device) < counts[:, None]
             state.pack_index, state.unpack_index = core.packing(state.valid, total)
-        state.kept_index.append((state.token_index, state.valid))
+        state.kept.append((order, state.valid))
         return self.pack(x)
+
+    def kept_positions(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Eval: for each stage of the last forward, the original token positions (B, N_s) that entered
+        it and their validity mask (None: all valid)."""
+        state = self.state
+        if state.num_tokens is None or len(state.kept) != len(self.locations):
+            raise RuntimeError("kept_positions needs a full forward pass in eval mode first")
+        batch = state.counts[0].shape[0]
+        index = torch.arange(state.num_tokens, device=state.counts[0].device).expand(batch, -1)
+        positions, valid = [], None
+        for order, stage_valid in state.kept:
+            if order is not None:
+                index, valid = index.gather(1, order), stage_valid
+            positions.append((index, valid))
+        return positions
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, C) padded tokens -> (1, T, C) with only the real ones, when the batch is padded.

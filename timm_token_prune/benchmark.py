@@ -1,0 +1,109 @@
+"""Dense vs pruned speed, measured in one process with interleaved repeats (medians and ratios).
+
+Used by `python -m timm_token_prune` (the quick-start demo) and `benchmarks/throughput.py`.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from .api import calibrate, last_stats, patch_model
+
+
+def seconds_per_call(model: nn.Module, x: torch.Tensor, iters: int) -> float:
+    """Mean seconds of `model(x)` over `iters` calls, after one warm-up call."""
+    with torch.inference_mode():
+        model(x)
+        start = time.perf_counter()
+        for _ in range(iters):
+            model(x)
+        return (time.perf_counter() - start) / iters
+
+
+def build_variants(name: str, budget: float, calib_images: int = 64, seed: int = 0) -> dict[str, nn.Module]:
+    """The dense timm model (random weights), its pruned copy calibrated on random images to `budget`,
+    and a copy patched at budget 1.0 (the cost of the machinery alone)."""
+    import timm
+
+    torch.manual_seed(seed)
+    dense = timm.create_model(name, pretrained=False).eval()
+    size = tuple(dense.patch_embed.img_size)
+    pruned = patch_model(copy.deepcopy(dense), budget=budget)
+    calibrate(pruned, [torch.randn(16, 3, *size) for _ in range(max(1, calib_images // 16))])
+    full = patch_model(copy.deepcopy(dense), budget=1.0)
+    return {"dense": dense, f"pruned@{budget:g}": pruned, "patched@1": full}
+
+
+def compare(
+    name: str = "deit_small_patch16_224",
+    budget: float = 0.65,
+    batch: int = 32,
+    repeats: int = 5,
+    threads: int | None = None,
+    calib_images: int = 64,
+    single_iters: int = 5,
+) -> dict:
+    """Images/s at `batch` and latency at batch 1 for each variant; every repeat times all variants in
+    turn, starting one further along each time, so that machine noise and order effects hit them alike."""
+    if threads:
+        torch.set_num_threads(threads)
+    models = build_variants(name, budget, calib_images)
+    size = tuple(models["dense"].patch_embed.img_size)
+    torch.manual_seed(1)
+    inputs = {"batch": torch.randn(batch, 3, *size), "single": torch.randn(1, 3, *size)}
+    times: dict[tuple[str, str], list[float]] = {(v, k): [] for v in models for k in inputs}
+    names = list(models)
+    for repeat in range(repeats):
+        for variant in names[repeat % len(names) :] + names[: repeat % len(names)]:
+            model = models[variant]
+            times[(variant, "batch")].append(seconds_per_call(model, inputs["batch"], 1))
+            times[(variant, "single")].append(seconds_per_call(model, inputs["single"], single_iters))
+    median = {key: statistics.median(values) for key, values in times.items()}
+    results = {
+        "model": name,
+        "budget": budget,
+        "batch": batch,
+        "repeats": repeats,
+        "threads": torch.get_num_threads(),
+        "device": "cpu",
+        "variants": {},
+    }
+    for variant, model in models.items():
+        row = {
+            "images_per_s": batch / median[(variant, "batch")],
+            "latency_ms": 1e3 * median[(variant, "single")],
+            "throughput_ratio": median[("dense", "batch")] / median[(variant, "batch")],
+            "latency_speedup": median[("dense", "single")] / median[(variant, "single")],
+        }
+        if variant != "dense":
+            with torch.inference_mode():
+                model(inputs["batch"])
+            stats = last_stats(model)
+            row.update(gflops=stats.gflops, flops_ratio=stats.flops_ratio, kept_tokens=stats.kept_mean)
+            results["dense_gflops"] = stats.dense_gflops
+            results["tokens"] = stats.tokens
+        results["variants"][variant] = row
+    results["variants"]["dense"].update(gflops=results["dense_gflops"], flops_ratio=1.0, kept_tokens=None)
+    return results
+
+
+def format_table(results: dict) -> str:
+    lines = [
+        f"{results['model']} (random weights), {results['threads']} threads, batch {results['batch']} and 1, "
+        f"median of {results['repeats']} interleaved repeats",
+        f"{'variant':<13}{'GFLOPs':>8}{'tokens per stage':>20}{'img/s':>9}{'x dense':>9}{'bs1 ms':>9}{'x dense':>9}",
+    ]
+    for variant, row in results["variants"].items():
+        kept = row["kept_tokens"]
+        kept = f"{results['tokens']} (all)" if kept is None else "/".join(f"{k:.0f}" for k in kept)
+        lines.append(
+            f"{variant:<13}{row['gflops']:>8.2f}{kept:>20}{row['images_per_s']:>9.1f}"
+            f"{row['throughput_ratio']:>9.2f}{row['latency_ms']:>9.1f}{row['latency_speedup']:>9.2f}"
+        )
+    lines.append("GFLOPs are multiply-accumulates per image; 'tokens per stage' is the batch mean entering each pruned stage.")
+    return "\n".join(lines)
