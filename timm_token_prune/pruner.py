@@ -37,6 +37,7 @@ class ForwardState:
         self.counts: list[torch.Tensor] = []  # tokens per image entering each pruned stage
         self.stage_scores: list[tuple[torch.Tensor, torch.Tensor | None]] = []  # (scores, eligible)
         self.kept: list[tuple[torch.Tensor | None, torch.Tensor | None]] = []  # eval, per stage: (order, valid)
+        self.pool_source: torch.Tensor | None = None  # adapters: tokens a mean-pooling head reads
         self.stop_after = stop_after
 
 

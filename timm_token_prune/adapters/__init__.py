@@ -2,9 +2,9 @@
 check(model, config) -> locations (raises UnsupportedModelError), patch(model, config, locations)
 -> TokenPruner, unpatch(model)."""
 
-from . import timm
+from . import hf, timm
 
-ADAPTERS = (timm,)
+ADAPTERS = (timm, hf)
 
 
 def find_adapter(model):

@@ -1,0 +1,268 @@
+"""Hugging Face transformers (5.x) adapter: ViT, DeiT, Dinov2 (with registers), ViT-MSN, CLIP vision.
+
+No class of the model is replaced (a renamed `PreTrainedModel` would lose its checkpoint key mapping):
+- each attention module after the first pruning point gets its own copy of the config whose
+  `_attn_implementation` names `"timm_token_prune"`, an `AttentionInterface` function that masks,
+  scores and unpacks; it hands everything else to the model's own implementation;
+- forward hooks: the base model's pre-hook starts a forward, each scoring layer's hook prunes its
+  output, the last layer's hook unpacks a packed batch; Dinov2's classifier (class token + mean of
+  patch tokens) gets the mean over kept tokens only.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .. import core
+from ..config import PruneConfig
+from ..errors import UnsupportedModelError
+from ..flops import FlopsModel, linear_macs
+from ..locations import resolve_locations
+from ..pruner import TokenPruner
+
+NAME = "transformers"
+ATTN_IMPLEMENTATION = "timm_token_prune"
+SUPPORTED = (
+    "transformers ViTModel / ViTForImageClassification, DeiTModel / DeiTForImageClassification(WithTeacher), "
+    "Dinov2Model / Dinov2ForImageClassification, Dinov2WithRegisters*, ViTMSN*, CLIPVisionModel / "
+    "CLIPVisionModelWithProjection / CLIPForImageClassification"
+)
+_ADDED = ("_token_pruner", "_prune_stage", "_token_prune_config", "_token_prune_fallback")
+
+
+@dataclass(frozen=True)
+class _Family:
+    layers: str  # path from the base model to its nn.ModuleList of layers
+    attention: str  # attribute of a layer
+    conv: str  # path from the base model to the patch-embedding Conv2d
+    registers: bool = False  # prefix = class token (+ distillation) + config.num_register_tokens
+    distillation: bool = False
+
+
+_FAMILIES = {
+    "ViTModel": _Family("layers", "attention", "embeddings.patch_embeddings.projection"),
+    "ViTMSNModel": _Family("layers", "attention", "embeddings.patch_embeddings.projection"),
+    "DeiTModel": _Family("layers", "attention", "embeddings.patch_embeddings.projection", distillation=True),
+    "Dinov2Model": _Family("encoder.layer", "attention", "embeddings.patch_embeddings.projection"),
+    "Dinov2WithRegistersModel": _Family(
+        "encoder.layer", "attention", "embeddings.patch_embeddings.projection", registers=True
+    ),
+    "CLIPVisionModel": _Family("encoder.layers", "self_attn", "embeddings.patch_embedding"),
+}
+# top-level classes whose head averages patch tokens: the module whose output it averages
+_MEAN_POOL_SOURCE = {
+    "Dinov2ForImageClassification": "dinov2.layernorm",
+    "Dinov2WithRegistersForImageClassification": "dinov2_with_registers.layernorm",
+    "CLIPForImageClassification": None,  # averages the last layer's output
+}
+_REASONS = {
+    "BeitModel": "its relative position bias is folded into the attention mask inside each layer",
+    "Data2VecVisionModel": "its relative position bias is folded into the attention mask inside each layer",
+    "SiglipVisionModel": "it has no class token, and the AS-ViT score is the class token's attention",
+    "ViTMAEModel": "its embeddings shuffle and mask patches at random",
+    "CLIPModel": "it holds a text tower too: patch model.vision_model instead",
+}
+
+
+def _is_transformers_model(model: nn.Module) -> bool:
+    transformers = sys.modules.get("transformers")
+    return transformers is not None and isinstance(model, transformers.PreTrainedModel)
+
+
+def matches(model: nn.Module) -> bool:
+    return _is_transformers_model(model)
+
+
+def _base(model: nn.Module) -> nn.Module | None:
+    if type(model).__name__ in _FAMILIES:
+        return model
+    for child in model.children():
+        if type(child).__name__ in _FAMILIES:
+            return child
+    return None
+
+
+def _get(module: nn.Module, path: str):
+    for name in path.split("."):
+        module = getattr(module, name)
+    return module
+
+
+def check(model: nn.Module, config: PruneConfig) -> tuple[int, ...]:
+    name = type(model).__name__
+    base = _base(model)
+    if base is None or name in _REASONS:
+        reason = _REASONS.get(name) or next(
+            (_REASONS[type(c).__name__] for c in model.children() if type(c).__name__ in _REASONS),
+            "no supported vision transformer inside it",
+        )
+        raise UnsupportedModelError(f"cannot patch {name}: {reason}. Supported: {SUPPORTED}.")
+    layers = _get(base, _FAMILIES[type(base).__name__].layers)
+    if len({linear_macs(layer) for layer in layers}) > 1:
+        raise UnsupportedModelError(f"cannot patch {name}: its layers differ in width. Supported: {SUPPORTED}.")
+    if getattr(base.config, "output_hidden_states", False) or getattr(base.config, "output_attentions", False):
+        raise UnsupportedModelError(
+            f"cannot patch {name}: its config asks for output_hidden_states / output_attentions, whose shapes "
+            "token pruning changes; set them to False"
+        )
+    return resolve_locations(config.prune_locations, len(layers), name)
+
+
+def patch(model: nn.Module, config: PruneConfig, locations: tuple[int, ...]) -> TokenPruner:
+    _register_attention()
+    base = _base(model)
+    family = _FAMILIES[type(base).__name__]
+    layers = _get(base, family.layers)
+    attn = getattr(layers[0], family.attention)
+    conv = _get(base, family.conv)
+    heads = getattr(attn, "num_attention_heads", None) or attn.num_heads
+    attn_dim = heads * attn.head_dim
+    flops = FlopsModel(
+        embed_per_patch=conv.out_channels * conv.in_channels // conv.groups * conv.kernel_size[0] * conv.kernel_size[1],
+        head=linear_macs(model) - sum(linear_macs(layer) for layer in layers),
+        linear_per_token=linear_macs(layers[0]),
+        attn_per_pair=2 * attn_dim,
+        score_per_token=attn_dim,
+        depth=len(layers),
+        locations=locations,
+    )
+    prefix = 1 + int(family.distillation) + (base.config.num_register_tokens if family.registers else 0)
+    image, patch_size = base.config.image_size, base.config.patch_size
+    num_patches = (image // patch_size) ** 2 if isinstance(image, int) else 196
+    pruner = TokenPruner(config, flops, prefix, num_patches)
+    fallback = base.config._attn_implementation or "eager"
+    scoring = {loc - 1: stage for stage, loc in enumerate(locations)}
+    for index, layer in enumerate(layers):
+        if index < locations[0] - 1:
+            continue
+        attention = getattr(layer, family.attention)
+        own = copy.copy(attention.config)
+        own._attn_implementation = ATTN_IMPLEMENTATION
+        _set(attention, _token_pruner=pruner, _prune_stage=scoring.get(index), _token_prune_fallback=fallback)
+        _set(attention, _token_prune_config=attention.config)
+        attention.config = own
+        if index in scoring:
+            _set(layer, _token_pruner=pruner, _prune_stage=scoring[index])
+            layer.register_forward_hook(_prune_output)
+    _set(layers[-1], _token_pruner=pruner)
+    layers[-1].register_forward_hook(_unpack_output)
+    _set(base, _token_pruner=pruner)
+    base.register_forward_pre_hook(_begin_forward, with_kwargs=True)
+    if type(model).__name__ in _MEAN_POOL_SOURCE:
+        source = _MEAN_POOL_SOURCE[type(model).__name__]
+        source = _get(model, source) if source else layers[-1]
+        _set(source, _token_pruner=pruner)
+        source.register_forward_hook(_keep_pool_source)
+        _set(model.classifier, _token_pruner=pruner)
+        model.classifier.register_forward_pre_hook(_mean_over_kept_tokens)
+    model.add_module("token_pruner", pruner)
+    return pruner
+
+
+def unpatch(model: nn.Module) -> None:
+    for module in model.modules():
+        for hooks in (module._forward_hooks, module._forward_pre_hooks):
+            for key in [k for k, hook in hooks.items() if hook in _HOOKS]:
+                del hooks[key]
+                module._forward_hooks_with_kwargs.pop(key, None)
+                module._forward_pre_hooks_with_kwargs.pop(key, None)
+        original = module.__dict__.get("_token_prune_config")
+        if original is not None:
+            module.config = original
+        for name in _ADDED:
+            module.__dict__.pop(name, None)
+    del model.token_pruner
+
+
+def _set(module: nn.Module, **attributes) -> None:
+    for name, value in attributes.items():
+        object.__setattr__(module, name, value)  # plain attributes: not submodules, not in state_dict
+
+
+# ---- hooks (module-level functions, so deep copies and pickles of the model stay consistent) ----------
+def _begin_forward(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    for flag in ("output_hidden_states", "output_attentions"):
+        if kwargs.get(flag) or getattr(module.config, flag, False):
+            raise NotImplementedError(
+                f"{flag}=True is not supported on a token-pruned model: pruned layers hold fewer tokens. "
+                "Call timm_token_prune.unpatch_model(model) to get them"
+            )
+    if kwargs.get("attention_mask") is not None or kwargs.get("bool_masked_pos") is not None:
+        raise NotImplementedError("attention_mask / bool_masked_pos cannot be combined with token pruning")
+    pixels = args[0] if args else kwargs.get("pixel_values")
+    channels = module.config.num_channels
+    if not isinstance(pixels, torch.Tensor) or pixels.ndim != 4 or pixels.shape[1] != channels:
+        shape = tuple(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__
+        raise ValueError(f"expected pixel_values of shape (B, {channels}, H, W), got {shape}")
+    _register_attention()  # a model unpickled in a new process
+    module._token_pruner.begin()
+
+
+def _prune_output(module: nn.Module, args: tuple, output):
+    return module._token_pruner.prune(output, module._prune_stage)
+
+
+def _unpack_output(module: nn.Module, args: tuple, output):
+    return module._token_pruner.unpack(output, zero_padding=True)
+
+
+def _keep_pool_source(module: nn.Module, args: tuple, output) -> None:
+    module._token_pruner.state.pool_source = output
+
+
+def _mean_over_kept_tokens(module: nn.Module, args: tuple):
+    pruner = module._token_pruner
+    weights = pruner.pool_weights()
+    if weights is None:
+        return None
+    (features,) = args
+    prefix = pruner.num_prefix_tokens
+    tokens = pruner.state.pool_source
+    mean = core.masked_mean(tokens[:, prefix:], weights[:, prefix:])
+    return (torch.cat([features[:, : features.shape[1] - mean.shape[1]], mean], dim=1),)
+
+
+_HOOKS = (_begin_forward, _prune_output, _unpack_output, _keep_pool_source, _mean_over_kept_tokens)
+
+
+# ---- the attention implementation ---------------------------------------------------------------
+def _token_prune_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """An `AttentionInterface` function: q, k, v are (B, H, N, hd); returns ((B, N, H, hd), None)."""
+    pruner: TokenPruner = module._token_pruner
+    stage = module._prune_stage
+    if stage is None and not pruner.masking():
+        return _fallback(module)(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    if attention_mask is not None:
+        raise NotImplementedError("attention masks cannot be combined with token pruning")
+    heads = query.shape[1]
+    q, k, v = (_unpack_heads(pruner, t) for t in (query, key, value))
+    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+    context = pruner.attention(q, k, v, scale=scale, dropout_p=dropout, stage=stage)
+    out = pruner.pack(context.transpose(1, 2).flatten(2))
+    return out.unflatten(-1, (heads, -1)), None
+
+
+def _unpack_heads(pruner: TokenPruner, t: torch.Tensor) -> torch.Tensor:
+    heads = t.shape[1]
+    return pruner.unpack(t.transpose(1, 2).flatten(2)).unflatten(-1, (heads, -1)).transpose(1, 2)
+
+
+def _fallback(module):
+    """The implementation the model was using (sdpa, eager, ...)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    eager = sys.modules[type(module).__module__].eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS.get_interface(module._token_prune_fallback, eager)
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if ALL_ATTENTION_FUNCTIONS.get(ATTN_IMPLEMENTATION) is not _token_prune_attention:
+        AttentionInterface.register(ATTN_IMPLEMENTATION, _token_prune_attention)
