@@ -1,6 +1,7 @@
 """Dense vs pruned throughput (batch 32) and latency (batch 1), measured in one run, interleaved.
 
     python benchmarks/throughput.py                      # deit_small_patch16_224, budget 0.65, CPU
+    python benchmarks/throughput.py --model hf:vit-small   # transformers ViTForImageClassification, ViT-S size
     python benchmarks/throughput.py --repeats 15 --out results.json
 
 Random weights are fine for speed; thresholds are calibrated on random images to the budget. Each
@@ -20,14 +21,17 @@ from timm_token_prune.benchmark import compare, format_table
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="deit_small_patch16_224")
+    parser.add_argument("--model", default="deit_small_patch16_224", help="a timm name, or hf:vit-small")
     parser.add_argument("--budget", type=float, default=0.65)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=12)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--calib-images", type=int, default=64)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "throughput.json"))
+    parser.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/<model>.json)")
     args = parser.parse_args()
+    if args.out is None:
+        name = args.model.replace(":", "_").replace("/", "_")
+        args.out = os.path.join(os.path.dirname(__file__), "results", f"throughput_{name}.json")
     results = compare(args.model, args.budget, args.batch, args.repeats, args.threads, args.calib_images)
     print(format_table(results))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

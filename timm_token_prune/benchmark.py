@@ -25,18 +25,36 @@ def seconds_per_call(model: nn.Module, x: torch.Tensor, iters: int) -> float:
         return (time.perf_counter() - start) / iters
 
 
-def build_variants(name: str, budget: float, calib_images: int = 64, seed: int = 0) -> dict[str, nn.Module]:
-    """The dense timm model (random weights), its pruned copy calibrated on random images to `budget`,
-    and a copy patched at budget 1.0 (the cost of the machinery alone)."""
+HF_VIT_S = "hf:vit-small"  # a ViT-S sized transformers ViTForImageClassification
+
+
+def _dense_model(name: str) -> tuple[nn.Module, tuple[int, int]]:
+    """A model with random weights and its input size: a timm name, or HF_VIT_S."""
+    if name == HF_VIT_S:
+        from transformers import ViTConfig, ViTForImageClassification
+
+        config = ViTConfig(
+            hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536,
+            image_size=224, patch_size=16, num_labels=1000,
+        )
+        return ViTForImageClassification(config).eval(), (224, 224)
     import timm
 
+    model = timm.create_model(name, pretrained=False).eval()
+    return model, tuple(model.patch_embed.img_size)
+
+
+def build_variants(
+    name: str, budget: float, calib_images: int = 64, seed: int = 0
+) -> tuple[dict[str, nn.Module], tuple[int, int]]:
+    """The dense model (random weights), its pruned copy calibrated on random images to `budget`, and a
+    copy patched at budget 1.0 (the cost of the machinery alone); and the input size."""
     torch.manual_seed(seed)
-    dense = timm.create_model(name, pretrained=False).eval()
-    size = tuple(dense.patch_embed.img_size)
+    dense, size = _dense_model(name)
     pruned = patch_model(copy.deepcopy(dense), budget=budget)
     calibrate(pruned, [torch.randn(16, 3, *size) for _ in range(max(1, calib_images // 16))])
     full = patch_model(copy.deepcopy(dense), budget=1.0)
-    return {"dense": dense, f"pruned@{budget:g}": pruned, "patched@1": full}
+    return {"dense": dense, f"pruned@{budget:g}": pruned, "patched@1": full}, size
 
 
 def compare(
@@ -52,8 +70,7 @@ def compare(
     turn, starting one further along each time, so that machine noise and order effects hit them alike."""
     if threads:
         torch.set_num_threads(threads)
-    models = build_variants(name, budget, calib_images)
-    size = tuple(models["dense"].patch_embed.img_size)
+    models, size = build_variants(name, budget, calib_images)
     torch.manual_seed(1)
     inputs = {"batch": torch.randn(batch, 3, *size), "single": torch.randn(1, 3, *size)}
     times: dict[tuple[str, str], list[float]] = {(v, k): [] for v in models for k in inputs}
@@ -94,7 +111,7 @@ def compare(
 
 def format_table(results: dict) -> str:
     lines = [
-        f"{results['model']} (random weights), {results['threads']} threads, batch {results['batch']} and 1, "
+        f"{results['model']} (random weights, pruned by thresholds calibrated on random images), {results['threads']} threads, batch {results['batch']} and 1, "
         f"median of {results['repeats']} interleaved repeats",
         f"{'variant':<13}{'GFLOPs':>8}{'tokens per stage':>20}{'img/s':>9}{'x dense':>9}{'bs1 ms':>9}{'x dense':>9}",
     ]
