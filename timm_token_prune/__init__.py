@@ -2,13 +2,15 @@
 
 from .api import budget_loss, calibrate, get_pruner, last_stats, patch_model, unpatch_model
 from .config import PruneConfig
-from .errors import AlreadyPatchedError, NotPatchedError, UnsupportedModelError
+from .errors import AlreadyPatchedError, CheckpointError, NotPatchedError, UnsupportedModelError
+from .hub import from_pretrained, push_to_hub, save_pretrained
 from .pruner import PruneStats, TokenPruner
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AlreadyPatchedError",
+    "CheckpointError",
     "NotPatchedError",
     "PruneConfig",
     "PruneStats",
@@ -16,8 +18,11 @@ __all__ = [
     "UnsupportedModelError",
     "budget_loss",
     "calibrate",
+    "from_pretrained",
     "get_pruner",
     "last_stats",
     "patch_model",
+    "push_to_hub",
+    "save_pretrained",
     "unpatch_model",
 ]

@@ -11,3 +11,7 @@ class AlreadyPatchedError(ValueError):
 
 class NotPatchedError(ValueError):
     """A function that needs a patched model got an unpatched one."""
+
+
+class CheckpointError(ValueError):
+    """A pruned checkpoint (folder or Hub repo) cannot be loaded; the message names it and says why."""
