@@ -2,6 +2,7 @@
 
 from .api import budget_loss, calibrate, get_pruner, last_stats, patch_model, unpatch_model
 from .config import PruneConfig
+from .distill import DistillConfig, distill, evaluate
 from .errors import AlreadyPatchedError, CheckpointError, NotPatchedError, UnsupportedModelError
 from .hub import from_pretrained, push_to_hub, save_pretrained
 from .pruner import PruneStats, TokenPruner
@@ -11,6 +12,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AlreadyPatchedError",
     "CheckpointError",
+    "DistillConfig",
     "NotPatchedError",
     "PruneConfig",
     "PruneStats",
@@ -18,6 +20,8 @@ __all__ = [
     "UnsupportedModelError",
     "budget_loss",
     "calibrate",
+    "distill",
+    "evaluate",
     "from_pretrained",
     "get_pruner",
     "last_stats",

@@ -88,6 +88,12 @@ class TokenPruner(nn.Module):
         self._state: ForwardState | None = None
         self.stop_after: int | None = None  # calibration: end forward passes at this stage's scores
 
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave out the last forward's tensors (they may be part of an autograd graph)."""
+        state = self.__dict__.copy()
+        state["_state"] = None
+        return state
+
     @property
     def locations(self) -> tuple[int, ...]:
         return self.flops.locations

@@ -1,0 +1,150 @@
+"""Distillation fine-tuning: it learns, resumes exactly, runs under DDP, and rejects bad input early."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+from conftest import LOCATIONS, images, make_model
+from torch.utils.data import DataLoader, TensorDataset
+
+import timm_token_prune as ttp
+from timm_token_prune.distill import evaluate
+
+
+def dataset(n: int = 48, seed: int = 0, classes: int = 10) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(images(n, seed=seed), torch.randint(0, classes, (n,), generator=g))
+
+
+def student(budget: float = 0.5, **overrides) -> torch.nn.Module:
+    return ttp.patch_model(make_model("vit", **overrides), budget=budget, prune_locations=LOCATIONS)
+
+
+def test_a_few_steps_lower_the_loss_and_move_flops_to_the_budget(tmp_path):
+    model = student(budget=0.6)
+    loader = DataLoader(dataset(32), batch_size=8, shuffle=True)
+    before = evaluate(model, loader)
+    history = ttp.distill(
+        model, loader, epochs=6, lr=1e-3, min_lr=1e-3, threshold_lr=5e-4, output_dir=tmp_path, progress=False, log_every=1
+    )
+    after = evaluate(model, loader)
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert abs(after["flops_ratio"] - 0.6) < abs(before["flops_ratio"] - 0.6)
+    assert after["top1"] > before["top1"]
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert any('"kind": "step"' in line for line in lines) and sum('"kind": "epoch"' in line for line in lines) == 6
+    assert (tmp_path / "latest").read_text() == "checkpoint-24"
+
+
+class _Killed(Exception):
+    pass
+
+
+class _KillingLoader(DataLoader):
+    """Dies after `after` batches, like a killed process."""
+
+    def __init__(self, *args, after: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.after, self.seen = after, 0
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            if self.seen == self.after:
+                raise _Killed
+            self.seen += 1
+            yield batch
+
+
+def test_kill_and_resume_ends_where_an_uninterrupted_run_ends(tmp_path):
+    options = dict(epochs=2, lr=1e-3, checkpoint_every=2, progress=False, grad_accum_steps=1, seed=3)
+    data = dataset(40)
+
+    def run(loader, out, resume=False):
+        torch.manual_seed(0)
+        model = student(proj_drop_rate=0.2)  # dropout: the RNG must be restored too
+        ttp.distill(model, loader, teacher=make_model("vit"), output_dir=out, resume=resume, **options)
+        return model
+
+    reference = run(DataLoader(data, batch_size=8, shuffle=True), tmp_path / "a")
+    with pytest.raises(_Killed):
+        run(_KillingLoader(data, batch_size=8, shuffle=True, after=7), tmp_path / "b")  # dies in epoch 2
+    assert (tmp_path / "b" / "latest").read_text() == "checkpoint-6"
+    resumed = run(DataLoader(data, batch_size=8, shuffle=True), tmp_path / "b", resume=True)
+    expected, got = reference.state_dict(), resumed.state_dict()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = student()
+    ttp.distill(model, DataLoader(dataset(32), batch_size=4, shuffle=True), epochs=1, lr=1e-3, progress=False)
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(out_dir, f"rank{rank}.safetensors"))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_with_two_gloo_processes_keeps_replicas_identical(tmp_path):
+    from safetensors.torch import load_file
+
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    first, second = (load_file(tmp_path / f"rank{r}.safetensors") for r in (0, 1))
+    torch.manual_seed(0)
+    initial = student().state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert not torch.equal(first["token_pruner.thresholds"], initial["token_pruner.thresholds"])
+
+
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("shape", r"shape \(B, 3, H, W\)"),
+        ("labels", r"labels must be in \[0, 9\]"),
+        ("teacher", "teacher has 7 classes and the student 10"),
+        ("budget", "unreachable"),
+    ],
+)
+def test_bad_input_fails_before_any_step(case, match):
+    model = student(budget=0.05 if case == "budget" else 0.5)
+    if case == "budget":
+        ttp.get_pruner(model).config.budget = 0.05
+    before = copy.deepcopy(model.state_dict())
+    x, y = images(8), torch.arange(8)
+    teacher = None
+    if case == "shape":
+        x = torch.randn(8, 1, 32, 32)
+    elif case == "labels":
+        y = torch.arange(8) + 9
+    elif case == "teacher":
+        teacher = make_model("vit", num_classes=7)
+    with pytest.raises(ValueError, match=match):
+        ttp.distill(model, DataLoader(TensorDataset(x, y), batch_size=4), teacher=teacher, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_unlabelled_batches_and_dict_batches():
+    model = student()
+    plain = [images(4, seed=s) for s in range(3)]
+    history = ttp.distill(model, plain, max_steps=3, progress=False)
+    assert "ce" in history[0] and history[0]["ce"] == 0.0
+    dicts = [{"pixel_values": images(4, seed=s), "labels": torch.arange(4)} for s in range(3)]
+    assert ttp.distill(model, dicts, max_steps=3, progress=False)[0]["acc"] >= 0.0
+
+
+def test_evaluate_reports_top1_and_gflops():
+    model = student()
+    ttp.calibrate(model, [images(16)])
+    data = dataset(16)
+    result = evaluate(model, DataLoader(data, batch_size=8))
+    with torch.no_grad():
+        logits = model(data.tensors[0])
+    expected = 100.0 * (logits.argmax(-1) == data.tensors[1]).float().mean().item()
+    assert result["top1"] == pytest.approx(expected)
+    assert result["flops_ratio"] == pytest.approx(ttp.last_stats(model).flops_ratio, abs=0.1)
+    assert "gflops" not in evaluate(make_model("vit"), DataLoader(data, batch_size=8))
