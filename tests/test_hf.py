@@ -219,3 +219,27 @@ def test_deepcopy_of_patched_model():
     with torch.no_grad():
         assert torch.equal(main_output(clone(x)), main_output(model(x)))
     assert ttp.get_pruner(clone) is not ttp.get_pruner(model)
+
+
+def test_distillation_trainer_trains_thresholds_without_decay(tmp_path):
+    pytest.importorskip("accelerate")
+    from timm_token_prune.trainer import DistillationTrainer
+
+    class Images(torch.utils.data.Dataset):
+        def __len__(self):
+            return 16
+
+        def __getitem__(self, i):
+            return {"pixel_values": images(16, seed=1)[i], "labels": torch.tensor(i % 10)}
+
+    model = patched_hf("vit_classifier")
+    before = ttp.get_pruner(model).thresholds.detach().clone()
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-3,
+        weight_decay=0.1, report_to=[], use_cpu=True, save_strategy="no", logging_steps=1,
+    )
+    trainer = DistillationTrainer(model=model, args=args, train_dataset=Images())
+    assert "token_pruner.thresholds" not in trainer.get_decay_parameter_names(model)
+    result = trainer.train()
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    assert not torch.equal(ttp.get_pruner(model).thresholds.detach(), before)

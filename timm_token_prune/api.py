@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
 from .adapters import ADAPTERS, find_adapter
+from .batches import split_batch
 from .config import PruneConfig
 from .errors import AlreadyPatchedError, NotPatchedError, UnsupportedModelError
 from .flops import solve_keep_ratio
@@ -70,19 +71,6 @@ def last_stats(model: nn.Module) -> PruneStats:
     return get_pruner(model).stats()
 
 
-def _images(batch: Any) -> torch.Tensor:
-    if isinstance(batch, torch.Tensor):
-        return batch
-    if isinstance(batch, Mapping) and "pixel_values" in batch:
-        return batch["pixel_values"]
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
-        return batch[0]
-    raise TypeError(
-        f"calibrate takes batches of images: tensors, (images, labels) tuples or dicts with 'pixel_values'; "
-        f"got {type(batch).__name__}"
-    )
-
-
 @torch.no_grad()
 def calibrate(
     model: nn.Module, batches: Iterable[Any], budget: float | None = None, *, tolerance: float = 0.01, max_rounds: int = 6
@@ -98,7 +86,7 @@ def calibrate(
     config = pruner.config
     budget = config.budget if budget is None else PruneConfig(budget=budget).budget
     device = pruner.thresholds.device
-    images = [_images(b).to(device) for b in batches]
+    images = [split_batch(b)[0].to(device) for b in batches]
     if not images:
         raise ValueError("calibrate needs at least one batch of images")
     was_training = model.training

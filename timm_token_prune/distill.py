@@ -17,7 +17,7 @@ import os
 import random
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .api import budget_loss, get_pruner, last_stats, unpatch_model
+from .batches import logits_of, split_batch
 from .flops import solve_keep_ratio
 
 
@@ -63,34 +64,6 @@ class DistillConfig:
             raise ValueError(f"lr must be > 0 and min_lr >= 0, got {self.lr}, {self.min_lr}")
 
 
-# ---- batches and outputs --------------------------------------------------------------------------
-def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(images, labels or None) from a tensor, an (images, labels) tuple or an HF-style dict."""
-    if isinstance(batch, torch.Tensor):
-        return batch, None
-    if isinstance(batch, Mapping) and "pixel_values" in batch:
-        return batch["pixel_values"], batch.get("labels", batch.get("label"))
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
-        labels = batch[1] if len(batch) > 1 and isinstance(batch[1], torch.Tensor) else None
-        return batch[0], labels
-    raise TypeError(
-        "batches must be image tensors, (images, labels) tuples or dicts with 'pixel_values' (and 'labels'); "
-        f"got {type(batch).__name__}"
-    )
-
-
-def logits_of(output: Any) -> torch.Tensor:
-    """Class logits from a timm output (a tensor, or the two heads of distilled DeiT) or an HF output."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, tuple) and len(output) == 2 and all(isinstance(o, torch.Tensor) for o in output):
-        return (output[0] + output[1]) / 2
-    value = getattr(output, "logits", None)
-    if value is None:
-        raise TypeError(f"cannot find class logits in a {type(output).__name__}: distill needs a classifier")
-    return value
-
-
 def _check_labels(labels: torch.Tensor, num_classes: int) -> None:
     if labels.dtype.is_floating_point or labels.ndim != 1:
         raise ValueError(f"labels must be a 1-d integer tensor of class indices, got {labels.dtype} {tuple(labels.shape)}")
@@ -112,7 +85,7 @@ def evaluate(model: nn.Module, loader: Iterable[Any], *, device: str | torch.dev
     labelled = True
     try:
         for batch in loader:
-            x, y = split_batch(batch)
+            x, y, _ = split_batch(batch)
             logits = logits_of(model(x.to(device)))
             if patched:
                 stats = last_stats(model)
@@ -148,7 +121,8 @@ def distill(
     **options: Any,
 ) -> list[dict[str, Any]]:
     """Fine-tune a patched `student` against a frozen dense `teacher` (default: a dense copy of the student
-    as it is now) and its FLOPs budget. Returns one metrics dict per epoch.
+    as it is now) and its FLOPs budget. Returns one metrics dict per epoch. Batches may carry the
+    teacher's logits (a third tuple element or 'teacher_logits'), which then replace its forward pass.
 
     `options` are `DistillConfig` fields. With `output_dir`, metrics go to `metrics.jsonl` and checkpoints
     (every `checkpoint_every` steps and at the end) to `checkpoint-<step>/`; `resume=True` continues from
@@ -200,14 +174,14 @@ def distill(
         optimizer.zero_grad(set_to_none=True)
         accumulated = 0
         for batch in batches:
-            x, y = split_batch(batch)
+            x, y, cached = split_batch(batch)
             x = x.to(device)
             y = None if y is None else y.to(device)
             if num_classes is None:
                 num_classes = _check_first_batch(student, teacher, x, pruner)
             if y is not None:
                 _check_labels(y, num_classes)
-            metrics = _step(model, student, teacher, x, y, config)
+            metrics = _step(model, student, teacher, x, y, cached, config)
             totals.add(metrics, len(x))
             accumulated += 1
             state["batches_in_epoch"] += 1
@@ -262,10 +236,13 @@ def distillation_loss(
     return loss, {"ce": ce, "kd": kd, "flops_loss": flops_loss}
 
 
-def _step(model, student, teacher, x, y, config: DistillConfig) -> dict[str, float]:
+def _step(model, student, teacher, x, y, cached, config: DistillConfig) -> dict[str, float]:
     autocast = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=config.amp == "bf16")
-    with torch.no_grad(), autocast:
-        teacher_logits = logits_of(teacher(x))
+    if cached is not None:
+        teacher_logits = cached.to(x.device)
+    else:
+        with torch.no_grad(), autocast:
+            teacher_logits = logits_of(teacher(x))
     with autocast:
         student_logits = logits_of(model(x))
     flops = budget_loss(student)
