@@ -32,7 +32,6 @@ class ForwardState:
         self.pack_index: torch.Tensor | None = None  # eval: flat positions in (B * N) of the packed tokens
         self.unpack_index: torch.Tensor | None = None  # eval: packed row read by each of the B * N positions
         self.soft_mask: torch.Tensor | None = None  # train, float (B, N): straight-through keep mask
-        self.count_mask: torch.Tensor | None = None  # train: the same values, for the FLOPs loss
         self.scores: torch.Tensor | None = None  # scores of the current scoring block
         self.counts: list[torch.Tensor] = []  # tokens per image entering each pruned stage
         self.stage_scores: list[tuple[torch.Tensor, torch.Tensor | None]] = []  # (scores, eligible)
@@ -123,8 +122,11 @@ class TokenPruner(nn.Module):
             q, k, v, valid=state.valid, soft_mask=state.soft_mask, dropout_p=dropout_p, scale=scale
         )
         if stage is not None:
+            # earlier masks enter the score detached: a threshold must not steer later stages through the
+            # re-normalised class attention (see _mask)
+            earlier = None if state.soft_mask is None else state.soft_mask.detach()
             state.scores = core.class_token_scores(
-                q, k, context, scale=scale, method=self.config.score, valid=state.valid, soft_mask=state.soft_mask
+                q, k, context, scale=scale, method=self.config.score, valid=state.valid, soft_mask=earlier
             )
         return context
 
@@ -164,22 +166,21 @@ class TokenPruner(nn.Module):
     def _mask(self, scores: torch.Tensor, stage: int, keep: torch.Tensor) -> None:
         """Training: hide pruned tokens as keys from here on (masks multiply across stages).
 
-        Two straight-through masks: the attention one lets the task loss reach the scores too; the one
-        counted by the FLOPs loss sees detached scores, so that loss moves the thresholds through the
-        masks only. (Through the scores, a threshold change also re-normalises the next stages' class
-        attention; at T = 1e-4 that path is amplified 1/T-fold and points the wrong way.)"""
+        The straight-through mask carries gradients to this stage's threshold and, through the scores, to
+        the network, from the task loss (via the masked attention) and from the FLOPs loss (via the
+        counts). Scores see earlier masks detached: through the re-normalised class attention, raising
+        one stage's threshold lifts the next stages' scores, a path that T = 1e-4 amplifies 1/T-fold and
+        that would make the FLOPs loss push thresholds the wrong way."""
         state = self.state
         if self.config.keep_policy == "topk":
-            mask = count_mask = keep.to(scores.dtype)
+            mask = keep.to(scores.dtype)
         else:
             threshold, temperature = self.thresholds[stage], self.config.temperature
             mask = self._with_prefix(core.straight_through_mask(scores, threshold, temperature, keep))
-            count_mask = self._with_prefix(core.straight_through_mask(scores.detach(), threshold, temperature, keep))
         if state.soft_mask is not None:
             mask = mask * state.soft_mask
-            count_mask = count_mask * state.count_mask
-        state.soft_mask, state.count_mask = mask, count_mask
-        state.counts.append(count_mask.sum(dim=1))
+        state.soft_mask = mask
+        state.counts.append(mask.sum(dim=1))
 
     def _with_prefix(self, mask: torch.Tensor) -> torch.Tensor:
         prefix = self.num_prefix_tokens
