@@ -394,17 +394,24 @@ def image_folder(path: str | os.PathLike, img_size: int = 224, crop_pct: float =
     bicubic resize of the short side to img_size / crop_pct, center crop to img_size, ToTensor,
     ImageNet normalisation. Images are loaded lazily, as RGB."""
     _require("torchvision")
-    from torchvision import datasets, transforms
+    from torchvision import datasets
 
     if not Path(path).is_dir():
         raise FileNotFoundError(f"--data {path}: no such directory (expected one sub-folder of images a class)")
-    transform = transforms.Compose([
+    return datasets.ImageFolder(os.fspath(path), transform=image_folder_transform(img_size, crop_pct))
+
+
+def image_folder_transform(img_size: int = 224, crop_pct: float = 0.875):
+    """The eval transform of `image_folder`, for a single PIL image."""
+    _require("torchvision")
+    from torchvision import transforms
+
+    return transforms.Compose([
         transforms.Resize(int(math.floor(img_size / crop_pct)), interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.CenterCrop(img_size),
         transforms.ToTensor(),
         transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])
-    return datasets.ImageFolder(os.fspath(path), transform=transform)
 
 
 # ------------------------------------------------------------------------------------------- self-check

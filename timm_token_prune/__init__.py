@@ -3,6 +3,9 @@
 from .api import budget_loss, calibrate, get_pruner, last_stats, patch_model, unpatch_model
 from .config import PruneConfig
 from .distill import DistillConfig, distill, evaluate
+from .export import export_onnx
+from .static import freeze, unfreeze
+from .visualize import visualize
 from .errors import AlreadyPatchedError, CheckpointError, NotPatchedError, UnsupportedModelError
 from .hub import from_pretrained, push_to_hub, save_pretrained
 from .pruner import PruneStats, TokenPruner
@@ -22,11 +25,15 @@ __all__ = [
     "calibrate",
     "distill",
     "evaluate",
+    "export_onnx",
+    "freeze",
     "from_pretrained",
     "get_pruner",
     "last_stats",
     "patch_model",
     "push_to_hub",
     "save_pretrained",
+    "unfreeze",
     "unpatch_model",
+    "visualize",
 ]

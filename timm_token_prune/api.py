@@ -103,7 +103,7 @@ def calibrate(
                 config.keep_ratios = (rho,) * stages
             else:
                 _fit_thresholds(model, pruner, images, rho, budget)
-            stats = _measure(model, pruner, images)
+            stats = measure(model, pruner, images)
             error = stats.flops_ratio - budget
             if abs(error) <= tolerance or budget >= 1.0 or (target >= 1.0 and error < 0):
                 break
@@ -149,7 +149,8 @@ def _run_until(model: nn.Module, pruner: TokenPruner, x: torch.Tensor, stage: in
         pruner.stop_after = None
 
 
-def _measure(model: nn.Module, pruner: TokenPruner, images: list[torch.Tensor]) -> PruneStats:
+def measure(model: nn.Module, pruner: TokenPruner, images: list[torch.Tensor]) -> PruneStats:
+    """Statistics over all `images` batches (eval forward passes)."""
     per_image, counts = [], []
     for x in images:
         model(x)

@@ -45,16 +45,24 @@ def _dense_model(name: str) -> tuple[nn.Module, tuple[int, int]]:
 
 
 def build_variants(
-    name: str, budget: float, calib_images: int = 64, seed: int = 0
+    name: str, budget: float, calib_images: int = 64, seed: int = 0, static: bool = False
 ) -> tuple[dict[str, nn.Module], tuple[int, int]]:
-    """The dense model (random weights), its pruned copy calibrated on random images to `budget`, and a
-    copy patched at budget 1.0 (the cost of the machinery alone); and the input size."""
+    """The dense model (random weights), its pruned copy calibrated on random images to `budget`, a copy
+    patched at budget 1.0 (the cost of the machinery alone) and, with `static`, a frozen copy of the
+    pruned one (fixed counts); and the input size."""
+    from .static import freeze
+
     torch.manual_seed(seed)
     dense, size = _dense_model(name)
     pruned = patch_model(copy.deepcopy(dense), budget=budget)
-    calibrate(pruned, [torch.randn(16, 3, *size) for _ in range(max(1, calib_images // 16))])
+    calibration = [torch.randn(16, 3, *size) for _ in range(max(1, calib_images // 16))]
+    calibrate(pruned, calibration)
     full = patch_model(copy.deepcopy(dense), budget=1.0)
-    return {"dense": dense, f"pruned@{budget:g}": pruned, "patched@1": full}, size
+    variants = {"dense": dense, f"pruned@{budget:g}": pruned, "patched@1": full}
+    if static:
+        variants[f"static@{budget:g}"] = copy.deepcopy(pruned)
+        freeze(variants[f"static@{budget:g}"], calibration)
+    return variants, size
 
 
 def compare(
@@ -65,12 +73,17 @@ def compare(
     threads: int | None = None,
     calib_images: int = 64,
     single_iters: int = 5,
+    static: bool = False,
+    compile: bool = False,
 ) -> dict:
     """Images/s at `batch` and latency at batch 1 for each variant; every repeat times all variants in
     turn, starting one further along each time, so that machine noise and order effects hit them alike."""
     if threads:
         torch.set_num_threads(threads)
-    models, size = build_variants(name, budget, calib_images)
+    models, size = build_variants(name, budget, calib_images, static=static)
+    if compile:  # torch.compile (inductor) of the dense and, when built, the static model
+        for variant in [v for v in models if v == "dense" or v.startswith("static")]:
+            models[f"{variant}+compile"] = torch.compile(models[variant])
     torch.manual_seed(1)
     inputs = {"batch": torch.randn(batch, 3, *size), "single": torch.randn(1, 3, *size)}
     times: dict[tuple[str, str], list[float]] = {(v, k): [] for v in models for k in inputs}
@@ -97,15 +110,17 @@ def compare(
             "throughput_ratio": median[("dense", "batch")] / median[(variant, "batch")],
             "latency_speedup": median[("dense", "single")] / median[(variant, "single")],
         }
-        if variant != "dense":
+        if not variant.startswith("dense"):
             with torch.inference_mode():
                 model(inputs["batch"])
-            stats = last_stats(model)
+            stats = last_stats(getattr(model, "_orig_mod", model))
             row.update(gflops=stats.gflops, flops_ratio=stats.flops_ratio, kept_tokens=stats.kept_mean)
             results["dense_gflops"] = stats.dense_gflops
             results["tokens"] = stats.tokens
         results["variants"][variant] = row
-    results["variants"]["dense"].update(gflops=results["dense_gflops"], flops_ratio=1.0, kept_tokens=None)
+    for variant, row in results["variants"].items():
+        if variant.startswith("dense"):
+            row.update(gflops=results["dense_gflops"], flops_ratio=1.0, kept_tokens=None)
     return results
 
 
@@ -113,13 +128,13 @@ def format_table(results: dict) -> str:
     lines = [
         f"{results['model']} (random weights, pruned by thresholds calibrated on random images), {results['threads']} threads, batch {results['batch']} and 1, "
         f"median of {results['repeats']} interleaved repeats",
-        f"{'variant':<13}{'GFLOPs':>8}{'tokens per stage':>20}{'img/s':>9}{'x dense':>9}{'bs1 ms':>9}{'x dense':>9}",
+        f"{'variant':<18}{'GFLOPs':>8}{'tokens per stage':>20}{'img/s':>9}{'x dense':>9}{'bs1 ms':>9}{'x dense':>9}",
     ]
     for variant, row in results["variants"].items():
         kept = row["kept_tokens"]
         kept = f"{results['tokens']} (all)" if kept is None else "/".join(f"{k:.0f}" for k in kept)
         lines.append(
-            f"{variant:<13}{row['gflops']:>8.2f}{kept:>20}{row['images_per_s']:>9.1f}"
+            f"{variant:<18}{row['gflops']:>8.2f}{kept:>20}{row['images_per_s']:>9.1f}"
             f"{row['throughput_ratio']:>9.2f}{row['latency_ms']:>9.1f}{row['latency_speedup']:>9.2f}"
         )
     lines.append("GFLOPs are multiply-accumulates per image; 'tokens per stage' is the batch mean entering each pruned stage.")

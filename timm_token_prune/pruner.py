@@ -117,7 +117,7 @@ class TokenPruner(nn.Module):
         """Masked fused attention; a scoring attention (`stage` set) also records the token scores."""
         state = self.state
         if state.num_tokens is None:
-            state.num_tokens = q.shape[2]
+            state.num_tokens = int(q.shape[2])  # a plain int, also when traced for export
         context = core.attend(
             q, k, v, valid=state.valid, soft_mask=state.soft_mask, dropout_p=dropout_p, scale=scale
         )
@@ -140,15 +140,28 @@ class TokenPruner(nn.Module):
         state.stage_scores.append((scores.detach(), eligible))
         if state.stop_after == stage:
             raise StopForward
+        if not self.training and self.config.keep_policy == "topk":
+            return self._gather_topk(x, scores, stage)
         keep = self._keep(scores.detach(), stage, eligible)
         if self.training:
             self._mask(scores, stage, keep)
             return x
         return self._gather(x, keep)
 
+    def _gather_topk(self, x: torch.Tensor, scores: torch.Tensor, stage: int) -> torch.Tensor:
+        """Static shapes: every image keeps its k best patches (k from the shapes and keep_ratios only),
+        so no host sync, no padding, and nothing data-dependent for torch.compile or ONNX export."""
+        state, prefix = self.state, self.num_prefix_tokens
+        k = self.topk_counts(state.num_tokens - prefix)[stage]
+        best = scores[:, prefix:].topk(k, dim=1).indices.sort(dim=1).values + prefix
+        order = torch.cat([torch.arange(prefix, device=x.device).expand(best.shape[0], -1), best], dim=1)
+        state.counts.append(torch.full_like(best[:, 0], prefix + k))
+        state.kept.append((order, None))
+        return x.gather(1, order[..., None].expand(-1, -1, x.shape[-1]))
+
     def _keep(self, scores: torch.Tensor, stage: int, eligible: torch.Tensor | None) -> torch.Tensor:
         prefix = self.num_prefix_tokens
-        if self.config.keep_policy == "topk":
+        if self.config.keep_policy == "topk":  # training: the same k as _gather_topk
             k = self.topk_counts(self.state.num_tokens - prefix)[stage]
             return core.topk_keep(scores, num_prefix=prefix, k=k, eligible=eligible)
         return core.hard_keep(
@@ -192,12 +205,8 @@ class TokenPruner(nn.Module):
         batch, tokens = keep.shape
         counts = keep.sum(dim=1)
         state.counts.append(counts)
-        if self.config.keep_policy == "topk":
-            most = fewest = int(keep[0].sum()) if batch else tokens
-            total = most * batch
-        else:
-            per_image = counts.tolist()  # the one host sync of a pruning point
-            most, fewest, total = max(per_image), min(per_image), sum(per_image)
+        per_image = counts.tolist()  # the one host sync of a pruning point
+        most, fewest, total = max(per_image), min(per_image), sum(per_image)
         if fewest == tokens:  # nothing dropped, no padding
             state.kept.append((None, None))
             return x

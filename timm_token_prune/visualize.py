@@ -1,0 +1,73 @@
+"""Which patches a pruned model kept: the input with dropped patches greyed out, one panel per stage."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .api import get_pruner
+
+_MEAN = torch.tensor([0.485, 0.456, 0.406])
+_STD = torch.tensor([0.229, 0.224, 0.225])
+
+
+@torch.no_grad()
+def visualize(model: nn.Module, image: torch.Tensor, *, mean=_MEAN, std=_STD, scale: int = 2):
+    """A PIL image: the (normalised, C x H x W or 1 x C x H x W) `image` shown once per pruning stage with
+    the patches pruned before that stage greyed out and the kept ones outlined, the kept count in each
+    panel's title."""
+    from PIL import Image, ImageDraw
+
+    pruner = get_pruner(model)
+    x = image[None] if image.ndim == 3 else image
+    if x.ndim != 4 or x.shape[0] != 1:
+        raise ValueError(f"visualize takes one image (C, H, W), got {tuple(image.shape)}")
+    was_training = model.training
+    model.eval()
+    try:
+        model(x)
+    finally:
+        model.train(was_training)
+    prefix = pruner.num_prefix_tokens
+    patches = pruner.state.num_tokens - prefix
+    height, width = x.shape[-2:]
+    grid_w = _grid_width(patches, height, width)
+    grid_h = patches // grid_w
+    pixels = (x[0].cpu() * torch.as_tensor(std)[:, None, None] + torch.as_tensor(mean)[:, None, None]).clamp(0, 1)
+    rgb = pixels.expand(3, -1, -1) if pixels.shape[0] == 1 else pixels[:3]
+    grey = rgb.mean(0, keepdim=True).expand(3, -1, -1) * 0.25 + 0.55
+    panels = [("input", rgb, None)]
+    ph, pw = height // grid_h, width // grid_w
+    for stage, (positions, valid) in enumerate(pruner.kept_positions()):
+        kept = positions[0] if valid is None else positions[0][valid[0]]
+        kept_patches = kept[kept >= prefix] - prefix
+        mask = torch.zeros(patches, dtype=torch.bool)
+        mask[kept_patches.cpu()] = True
+        cells = mask.view(grid_h, grid_w)
+        mask = cells.repeat_interleave(ph, 0).repeat_interleave(pw, 1)
+        mask = torch.nn.functional.pad(mask, (0, width - mask.shape[1], 0, height - mask.shape[0]))
+        title = f"before block {pruner.locations[stage]}: {len(kept_patches)}/{patches}"
+        panels.append((title, torch.where(mask, rgb, grey), cells))
+    title_h, pad = 18, 6
+    w, h = width * scale, height * scale
+    canvas = Image.new("RGB", (len(panels) * (w + pad) + pad, h + title_h + 2 * pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, (title, tensor, cells) in enumerate(panels):
+        panel = Image.fromarray((tensor.permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
+        left, top = pad + i * (w + pad), title_h + pad
+        canvas.paste(panel.resize((w, h), Image.NEAREST), (left, top))
+        draw.text((left, pad // 2), title, fill="black")
+        if cells is not None and scale > 1:  # outline kept patches (grey alone is ambiguous on grey images)
+            for r, c in cells.nonzero().tolist():
+                x0, y0 = left + c * pw * scale, top + r * ph * scale
+                draw.rectangle([x0, y0, x0 + pw * scale - 1, y0 + ph * scale - 1], outline=(230, 80, 20))
+    return canvas
+
+
+def _grid_width(patches: int, height: int, width: int) -> int:
+    """Patch-grid width for `patches` patches of an H x W image (square patches)."""
+    side = (patches * width / height) ** 0.5
+    for w in sorted(range(1, patches + 1), key=lambda c: abs(c - side)):
+        if patches % w == 0:
+            return w
+    return patches
