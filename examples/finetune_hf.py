@@ -52,7 +52,7 @@ def main() -> None:
     ttp.calibrate(student, [b for b, _ in zip(DataLoader(train_dicts, batch_size=args.batch), range(8))])
     training = TrainingArguments(
         output_dir=args.output_dir or tempfile.mkdtemp(prefix="finetune_hf-"), num_train_epochs=args.epochs,
-        learning_rate=args.lr, lr_scheduler_type="cosine", weight_decay=1e-6, warmup_ratio=0.1,
+        learning_rate=args.lr, lr_scheduler_type="cosine", weight_decay=1e-6, warmup_steps=0.1,
         per_device_train_batch_size=args.batch, save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(),
         logging_steps=10,
     )
