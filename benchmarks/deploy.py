@@ -12,7 +12,6 @@ batch 32; onnxruntime pruned >= 1.4x dense.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -20,7 +19,7 @@ import time
 
 import torch
 
-from timm_token_prune.benchmark import compare, format_table
+from timm_token_prune.benchmark import compare, format_table, write_json
 from timm_token_prune.export import _Logits, export_onnx
 
 
@@ -89,10 +88,7 @@ def main() -> None:
     for name, row in results["onnxruntime"].items():
         print(f"{'':35}{name:<14}{row['images_per_s']:>9.1f}{row['throughput_ratio']:>9.2f}"
               f"{row['latency_ms']:>9.1f}{row['latency_speedup']:>9.2f}")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=2)
-    print(f"wrote {args.out}")
+    write_json(results, args.out)
 
 
 if __name__ == "__main__":

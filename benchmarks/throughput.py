@@ -13,10 +13,9 @@ patched model at budget 1.0 within 3% of dense.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
-from timm_token_prune.benchmark import compare, format_table
+from timm_token_prune.benchmark import compare, format_table, write_json
 
 
 def main() -> None:
@@ -34,10 +33,7 @@ def main() -> None:
         args.out = os.path.join(os.path.dirname(__file__), "results", f"throughput_{name}.json")
     results = compare(args.model, args.budget, args.batch, args.repeats, args.threads, args.calib_images)
     print(format_table(results))
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=2)
-    print(f"wrote {args.out}")
+    write_json(results, args.out)
 
 
 if __name__ == "__main__":

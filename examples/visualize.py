@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 
 import timm
-import torch
 
 import realdata
 import timm_token_prune as ttp

@@ -7,6 +7,8 @@ import torch
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
 
+pytest_plugins = ["hub_server"]  # the `hub` fixture: a local fake of the Hugging Face Hub
+
 IMG = 32
 TINY = dict(img_size=IMG, patch_size=4, embed_dim=48, depth=6, num_heads=3, num_classes=10)
 LOCATIONS = (2, 3, 5)

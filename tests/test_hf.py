@@ -6,7 +6,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import IMG, LOCATIONS, images
 
 import timm_token_prune as ttp

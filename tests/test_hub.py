@@ -8,7 +8,6 @@ import pytest
 import timm
 import torch
 from conftest import images
-from hub_server import hub  # noqa: F401  (the fixture)
 from test_hub_local import hf_pruned, logits, timm_pruned
 
 import timm_token_prune as ttp

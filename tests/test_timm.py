@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import IMG, LOCATIONS, images, make_model
+from conftest import LOCATIONS, images, make_model
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 import timm_token_prune as ttp

@@ -85,10 +85,7 @@ def calibrate(
     pruner = get_pruner(model)
     config = pruner.config
     budget = config.budget if budget is None else PruneConfig(budget=budget).budget
-    device = pruner.thresholds.device
-    images = [split_batch(b)[0].to(device) for b in batches]
-    if not images:
-        raise ValueError("calibrate needs at least one batch of images")
+    images = sample_images(pruner, batches, "calibrate")
     was_training = model.training
     model.eval()
     try:
@@ -118,6 +115,15 @@ def calibrate(
         )
     config.budget = budget
     return stats
+
+
+def sample_images(pruner: TokenPruner, batches: Iterable[Any], caller: str) -> list[torch.Tensor]:
+    """The image tensors of `batches`, on the model's device."""
+    device = pruner.thresholds.device
+    images = [split_batch(b)[0].to(device) for b in batches]
+    if not images:
+        raise ValueError(f"{caller} needs at least one batch of images")
+    return images
 
 
 def _fit_thresholds(model: nn.Module, pruner: TokenPruner, images: list[torch.Tensor], rho: float, budget: float) -> None:

@@ -139,3 +139,13 @@ def format_table(results: dict) -> str:
         )
     lines.append("GFLOPs are multiply-accumulates per image; 'tokens per stage' is the batch mean entering each pruned stage.")
     return "\n".join(lines)
+
+
+def write_json(results: dict, path: str) -> None:
+    import json
+    import os
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"wrote {path}")

@@ -15,8 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .api import get_pruner, measure
-from .batches import split_batch
+from .api import get_pruner, measure, sample_images
 from .pruner import PruneStats
 
 
@@ -29,10 +28,7 @@ def freeze(model: nn.Module, batches: Iterable[Any]) -> PruneStats:
     pruner = get_pruner(model)
     if pruner.config.keep_policy == "topk":
         raise ValueError("this model already has fixed counts (keep_policy='topk'); call unfreeze(model) first")
-    device = pruner.thresholds.device
-    images = [split_batch(b)[0].to(device) for b in batches]
-    if not images:
-        raise ValueError("freeze needs at least one batch of images")
+    images = sample_images(pruner, batches, "freeze")
     was_training = model.training
     model.eval()
     try:
