@@ -22,6 +22,9 @@ TIMM_CASES = {
     "deit3_qknorm": (VisionTransformer, dict(init_values=1e-1, no_embed_class=True, qk_norm=True)),
     "avg_pool": (VisionTransformer, dict(global_pool="avg", fc_norm=True)),
     "avg_pool_prefix": (VisionTransformer, dict(global_pool="avg", pool_include_prefix=True)),
+    "no_class_token_avg": (VisionTransformer, dict(class_token=False, global_pool="avg", fc_norm=True)),
+    "no_class_token_map": (VisionTransformer, dict(class_token=False, global_pool="map")),
+    "registers_no_class_token_max": (VisionTransformer, dict(class_token=False, reg_tokens=2, global_pool="max")),
 }
 
 
@@ -38,7 +41,8 @@ def _spread_weights(model: torch.nn.Module) -> None:
     tokens and images like those of a trained model."""
     with torch.no_grad():
         for block in model.blocks:
-            block.attn.qkv.weight.mul_(4.0)
+            if hasattr(getattr(block, "attn", None), "qkv"):  # other block types: only checked as unsupported
+                block.attn.qkv.weight.mul_(4.0)
 
 
 def images(batch: int, seed: int = 1, size: int = IMG) -> torch.Tensor:

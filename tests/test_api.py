@@ -9,7 +9,7 @@ import pytest
 import timm
 import torch
 from conftest import LOCATIONS, images, make_model
-from timm.models.vision_transformer import ResPostBlock
+from timm.models.vision_transformer import ParallelScalingBlock
 
 import timm_token_prune as ttp
 
@@ -32,10 +32,9 @@ def _assert_unchanged(model: torch.nn.Module, snapshot) -> None:
 @pytest.mark.parametrize(
     "overrides, reason",
     [
-        (dict(class_token=False, global_pool="avg"), "no class token"),
-        (dict(global_pool="map"), "global_pool='map'"),
-        (dict(global_pool="max"), "global_pool='max'"),
-        (dict(block_fn=ResPostBlock), "ResPostBlock"),
+        (dict(global_pool=""), "global_pool='': it returns every token"),
+        (dict(global_pool="prr"), "global_pool='prr'"),
+        (dict(block_fn=ParallelScalingBlock), "ParallelScalingBlock"),
     ],
 )
 def test_unsupported_timm_models_raise_and_stay_unchanged(overrides, reason):

@@ -35,6 +35,15 @@ def _clip_classifier():
     return transformers.CLIPForImageClassification(config)
 
 
+def _siglip_classifier():
+    config = transformers.SiglipConfig(
+        vision_config=dict(SMALL),
+        text_config=dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32),
+        num_labels=10,
+    )
+    return transformers.SiglipForImageClassification(config)
+
+
 HF_CASES = {
     "vit_classifier": _vit("ViTForImageClassification", "ViTConfig", num_labels=10),
     "vit_model_pooler": _vit("ViTModel", "ViTConfig"),
@@ -56,6 +65,8 @@ HF_CASES = {
     "clip_vision": _vit("CLIPVisionModel", "CLIPVisionConfig"),
     "clip_vision_projection": _vit("CLIPVisionModelWithProjection", "CLIPVisionConfig", projection_dim=16),
     "clip_classifier": _clip_classifier,
+    "siglip_vision_map_head": _vit("SiglipVisionModel", "SiglipVisionConfig"),
+    "siglip_classifier": _siglip_classifier,
 }
 
 
@@ -155,12 +166,13 @@ def test_calibrate_and_stats():
     assert sum(ratios) / len(ratios) == pytest.approx(0.6, abs=0.02)
 
 
-def test_flops_agree_with_flop_counter():
+@pytest.mark.parametrize("case", ["vit_classifier", "siglip_vision_map_head"])
+def test_flops_agree_with_flop_counter(case):
     from test_timm import _counted_gmacs
 
     x = images(1, seed=7)
-    dense_counted = _counted_gmacs(make_hf("vit_classifier"), x)
-    model = patched_hf("vit_classifier")
+    dense_counted = _counted_gmacs(make_hf(case), x)
+    model = patched_hf(case)
     pruned_counted = _counted_gmacs(model, x)
     stats = ttp.last_stats(model)
     assert stats.flops_ratio < 0.8
@@ -199,7 +211,7 @@ def test_wrong_input_shape():
     "build, reason",
     [
         (lambda: transformers.BeitModel(transformers.BeitConfig(**SMALL)), "relative position bias"),
-        (lambda: transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**SMALL)), "no class token"),
+        (lambda: transformers.Data2VecVisionModel(transformers.Data2VecVisionConfig(**SMALL)), "relative position"),
     ],
 )
 def test_unsupported_families(build, reason):

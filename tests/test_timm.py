@@ -105,7 +105,9 @@ def _slow_reference(model: torch.nn.Module, x: torch.Tensor, thresholds: list[fl
             probs = ((q @ k.transpose(-2, -1)) * attn.scale).softmax(-1)  # B, H, N, N
             head_out = probs @ v  # B, H, N, hd
             norms = head_out.norm(dim=-1)
-            score = ((norms / (norms.sum(1, keepdim=True) + 1e-8)) * probs[:, :, 0, :]).sum(1)[0]
+            # the class token's row, or without one the attention each token receives, averaged over queries
+            received = probs[:, :, 0, :] if model.cls_token is not None else probs.mean(dim=2)
+            score = ((norms / (norms.sum(1, keepdim=True) + 1e-8)) * received).sum(1)[0]
         t = block(t)
         if stage is not None:
             keep = score > thresholds[stage]
@@ -186,12 +188,19 @@ def _counted_gmacs(model: torch.nn.Module, x: torch.Tensor) -> float:
         return sdpa_flop_count(query, key, value)  # shapes
 
     mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: sdpa_cpu}
-    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
-        model(x)
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:  # FlopCounterMode's module hooks trip over parameters needing grad under no_grad
+        p.requires_grad_(False)
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+            model(x)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
     return counter.get_total_flops() / 2 / 1e9
 
 
-@pytest.mark.parametrize("case", ["vit", "deit_distilled"])
+@pytest.mark.parametrize("case", ["vit", "deit_distilled", "no_class_token_map"])
 def test_flops_agree_with_flop_counter(case):
     x = images(1, seed=7)
     dense = make_model(case, embed_dim=96, depth=6)

@@ -139,9 +139,19 @@ def _fit_thresholds(model: nn.Module, pruner: TokenPruner, images: list[torch.Te
             s, eligible = pruner.state.stage_scores[stage]
             s = s[:, prefix:]
             scores.append(s[eligible[:, prefix:]] if eligible is not None else s.flatten())
-        scores = torch.cat(scores).float()
-        drop = min(max(1.0 - rho, 0.0), 1.0)
-        thresholds[stage] = torch.quantile(scores, drop) if drop > 0 else -1.0
+        thresholds[stage] = _midpoint_quantile(torch.cat(scores).float(), 1.0 - rho)
+
+
+def _midpoint_quantile(scores: torch.Tensor, drop: float) -> torch.Tensor | float:
+    """A threshold below which a fraction `drop` of `scores` lies, halfway between two neighbouring scores,
+    so that rounding differences (batched vs single-image) cannot flip a calibration token's decision."""
+    ordered = scores.sort().values
+    k = min(max(round(drop * ordered.numel()), 0), ordered.numel())
+    if k == 0:
+        return -1.0
+    if k == ordered.numel():
+        return ordered[-1]
+    return (ordered[k - 1] + ordered[k]) / 2
 
 
 def _run_until(model: nn.Module, pruner: TokenPruner, x: torch.Tensor, stage: int) -> None:

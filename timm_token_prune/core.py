@@ -18,6 +18,7 @@ def attend(
     *,
     valid: torch.Tensor | None = None,
     soft_mask: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     scale: float | None = None,
 ) -> torch.Tensor:
@@ -25,18 +26,61 @@ def attend(
 
     `valid` (bool, B x N): padding of a batch with per-image token counts (inference).
     `soft_mask` (float, B x N, straight-through 0/1 values): tokens pruned in training. The output is
-    sum_j m_j e_ij v_j / sum_j m_j e_ij (DynamicViT's masked softmax), computed in one fused call by
-    appending m_j as an extra value channel, so it stays differentiable in m without an N x N matrix.
+    sum_j m_j e_ij v_j / sum_j m_j e_ij (DynamicViT's masked softmax). Its value is computed with the
+    hard mask as a key mask (exact even where pruned keys dominate the softmax); its gradient in m
+    comes from a second fused call on detached q, k, v with m appended as an extra value channel, so it
+    stays differentiable in m without an N x N matrix.
+    `bias` (float, B or 1 x heads x N x N): an additive attention bias (relative position bias).
     """
     if soft_mask is not None:
+        hard = soft_mask.detach() > 0.5
+        out = attend(q, k, v, valid=hard if valid is None else valid & hard, bias=bias, dropout_p=dropout_p, scale=scale)
+        if not soft_mask.requires_grad:
+            return out
         m = soft_mask[:, None, :, None].to(v.dtype)
-        out = F.scaled_dot_product_attention(
-            q, k, torch.cat([v * m, m.expand(*v.shape[:-1], 1)], dim=-1), dropout_p=dropout_p, scale=scale
-        )
-        head_dim = v.shape[-1]
-        return out[..., :head_dim] / out[..., head_dim:].clamp_min(_EPS)
-    attn_mask = None if valid is None else valid[:, None, None, :]
+        v = v.detach()
+        extended = torch.cat([v * m, m.expand(*v.shape[:-1], 1)], dim=-1)
+        masked = F.scaled_dot_product_attention(q.detach(), k.detach(), extended, attn_mask=bias, scale=scale)
+        masked = masked[..., :-1] / masked[..., -1:].clamp_min(_EPS)
+        return out + (masked - masked.detach())
+    attn_mask = bias
+    if valid is not None:
+        keys = valid[:, None, None, :]
+        attn_mask = keys if bias is None else bias.masked_fill(~keys, float("-inf"))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
+
+
+def _attention_rows(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    scale: float,
+    bias: torch.Tensor | None,
+    valid: torch.Tensor | None,
+    soft_mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """Softmax attention of the queries `q` (B, H, R, d) over the keys that `valid` and the (detached,
+    0/1) `soft_mask` leave, as in `attend`; pruned keys are excluded before the softmax, never after,
+    so that kept keys cannot underflow."""
+    logits = (q @ k.transpose(-2, -1)) * scale
+    if bias is not None:
+        logits = logits + bias
+    keys = valid
+    if soft_mask is not None:
+        keys = soft_mask > 0.5 if keys is None else keys & (soft_mask > 0.5)
+    if keys is not None:
+        logits = logits.masked_fill(~keys[:, None, None, :], float("-inf"))
+    return logits.softmax(dim=-1)
+
+
+def _weigh_heads(attn: torch.Tensor, context: torch.Tensor, method: str) -> torch.Tensor:
+    """(B, H, N) attention received per head -> (B, N) scores: the head mean (EViT), or each head
+    weighted by R_h,i = ||context_h,i|| / sum_h' ||context_h',i|| (AS-ViT)."""
+    if method == "mean":
+        return attn.mean(dim=1)
+    norms = context.norm(dim=-1)  # B, H, N
+    weights = norms / (norms.sum(dim=1, keepdim=True) + _EPS)
+    return (weights * attn).sum(dim=1)
 
 
 def class_token_scores(
@@ -48,24 +92,76 @@ def class_token_scores(
     method: str = "head_norm",
     valid: torch.Tensor | None = None,
     soft_mask: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Token importance S_i = sum_h R_h,i A_h[cls, i] (AS-ViT), or the head mean of A[cls, i] (EViT).
 
     Only the class token's attention row is computed (q_cls K^T: O(N d) per head); R_h,i is the L2 norm
     of head h's output for token i divided by its sum over heads.
     """
-    logits = (q[:, :, :1] @ k.transpose(-2, -1)).squeeze(2) * scale  # B, H, N
-    if valid is not None:
-        logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
-    attn = logits.softmax(dim=-1)
+    row_bias = None if bias is None else bias[..., :1, :]
+    attn = _attention_rows(q[:, :, :1], k, scale=scale, bias=row_bias, valid=valid, soft_mask=soft_mask)
+    return _weigh_heads(attn.squeeze(2), context, method)
+
+
+def received_attention_scores(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    context: torch.Tensor,
+    *,
+    scale: float,
+    method: str = "head_norm",
+    valid: torch.Tensor | None = None,
+    soft_mask: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    chunk_elements: int = 1 << 24,
+) -> torch.Tensor:
+    """Token importance for models without a class token: S_j = sum_h R_h,j mean_i A_h[i, j], the
+    attention token j receives averaged over the (real, kept) queries i, weighted per head as in
+    `class_token_scores`. A class token's row is one such row; with global average pooling every token
+    contributes alike, so the mean row stands in for it. Costs one Q K^T (O(N^2 d) per head), computed
+    in blocks of query rows so at most `chunk_elements` attention weights exist at a time.
+    """
+    batch, heads, tokens, _ = q.shape
     if soft_mask is not None:
-        attn = attn * soft_mask[:, None, :]
-        attn = attn / attn.sum(dim=-1, keepdim=True).clamp_min(_EPS)
-    if method == "mean":
-        return attn.mean(dim=1)
-    norms = context.norm(dim=-1)  # B, H, N
-    weights = norms / (norms.sum(dim=1, keepdim=True) + _EPS)
-    return (weights * attn).sum(dim=1)
+        query_weights = soft_mask
+    elif valid is not None:
+        query_weights = valid.to(q.dtype)
+    else:
+        query_weights = q.new_ones(batch, tokens)
+    rows = max(1, chunk_elements // max(1, batch * heads * tokens))
+    received = q.new_zeros(batch, heads, tokens)
+    for start in range(0, tokens, rows):
+        stop = min(start + rows, tokens)
+        row_bias = None if bias is None else bias[..., start:stop, :]
+        attn = _attention_rows(q[:, :, start:stop], k, scale=scale, bias=row_bias, valid=valid, soft_mask=soft_mask)
+        received = received + (attn * query_weights[:, None, start:stop, None]).sum(dim=2)
+    received = received / query_weights.sum(dim=1).clamp_min(_EPS)[:, None, None]
+    return _weigh_heads(received, context, method)
+
+
+def gather_bias(bias: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Rows and columns of an attention bias (B or 1, H, N0, N0) at `positions` (B, N): (B, H, N, N)."""
+    batch, tokens = positions.shape
+    full = bias.expand(batch, -1, -1, -1)
+    heads, size = full.shape[1], full.shape[-1]
+    rows = full.gather(2, positions[:, None, :, None].expand(-1, heads, -1, size))
+    return rows.gather(3, positions[:, None, None, :].expand(-1, heads, tokens, -1))
+
+
+def gather_rope(rope: torch.Tensor, positions: torch.Tensor, num_prefix: int) -> torch.Tensor:
+    """Rotary embeddings of the patches at `positions` (B, N; prefix tokens first, then patches by
+    original index). `rope` is (P, D), (H, P, D) or (B, H, P, D) over all P patches; the result, over the
+    N - num_prefix patches of each image, broadcasts against q / k (B, H, N - num_prefix, d)."""
+    index = positions[:, num_prefix:] - num_prefix  # B, n
+    if rope.ndim == 2:
+        return rope[index][:, None]  # B, 1, n, D
+    if rope.ndim == 3:
+        return rope[:, index].transpose(0, 1)  # B, H, n, D
+    if rope.ndim == 4:
+        full = rope.expand(index.shape[0], -1, -1, -1)
+        return full.gather(2, index[:, None, :, None].expand(-1, full.shape[1], -1, full.shape[-1]))
+    raise ValueError(f"rotary embeddings of shape {tuple(rope.shape)} are not supported")
 
 
 def _top_patches(scores: torch.Tensor, eligible: torch.Tensor, num_prefix: int, k: int) -> torch.Tensor:

@@ -37,6 +37,8 @@ class ForwardState:
         self.stage_scores: list[tuple[torch.Tensor, torch.Tensor | None]] = []  # (scores, eligible)
         self.kept: list[tuple[torch.Tensor | None, torch.Tensor | None]] = []  # eval, per stage: (order, valid)
         self.pool_source: torch.Tensor | None = None  # adapters: tokens a mean-pooling head reads
+        self.positions: torch.Tensor | None = None  # eval, (B, N): original index of each token; None: unmoved
+        self.gathered: dict = {}  # gather_rope's cache: (id, stage) -> (rope, gathered rope)
         self.stop_after = stop_after
 
 
@@ -58,11 +60,20 @@ class PruneStats:
 class TokenPruner(nn.Module):
     """Holds the per-stage thresholds (the only new parameters) and the state of the last forward."""
 
-    def __init__(self, config: PruneConfig, flops: FlopsModel, num_prefix_tokens: int, num_patches: int) -> None:
+    def __init__(
+        self,
+        config: PruneConfig,
+        flops: FlopsModel,
+        num_prefix_tokens: int,
+        num_patches: int,
+        class_token: bool = True,
+    ) -> None:
         super().__init__()
         self.config = config
         self.flops = flops
         self.num_prefix_tokens = num_prefix_tokens
+        # with a class token (token 0) scores are its attention row; without, the mean attention received
+        self.class_token = class_token
         stages = len(flops.locations)
         if config.threshold_init is not None:
             if len(config.threshold_init) != stages:
@@ -112,23 +123,55 @@ class TokenPruner(nn.Module):
         return state.valid is not None or state.soft_mask is not None
 
     def attention(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, dropout_p: float, stage: int | None
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        scale: float,
+        dropout_p: float,
+        stage: int | None,
+        bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Masked fused attention; a scoring attention (`stage` set) also records the token scores."""
+        """Masked fused attention; a scoring attention (`stage` set) also records the token scores.
+        `bias`: an additive attention bias in the current token layout (see `gather_bias`)."""
         state = self.state
         if state.num_tokens is None:
             state.num_tokens = int(q.shape[2])  # a plain int, also when traced for export
         context = core.attend(
-            q, k, v, valid=state.valid, soft_mask=state.soft_mask, dropout_p=dropout_p, scale=scale
+            q, k, v, valid=state.valid, soft_mask=state.soft_mask, bias=bias, dropout_p=dropout_p, scale=scale
         )
         if stage is not None:
             # earlier masks enter the score detached: a threshold must not steer later stages through the
             # re-normalised class attention (see _mask)
             earlier = None if state.soft_mask is None else state.soft_mask.detach()
-            state.scores = core.class_token_scores(
-                q, k, context, scale=scale, method=self.config.score, valid=state.valid, soft_mask=earlier
+            score = core.class_token_scores if self.class_token else core.received_attention_scores
+            state.scores = score(
+                q, k, context, scale=scale, method=self.config.score, valid=state.valid, soft_mask=earlier, bias=bias
             )
         return context
+
+    def gather_bias(self, bias: torch.Tensor) -> torch.Tensor:
+        """An attention bias over the original tokens (B or 1, H, N0, N0) -> the current tokens' rows and
+        columns (B, H, N, N); unchanged while no token has moved."""
+        positions = self.state.positions
+        return bias if positions is None else core.gather_bias(bias, positions)
+
+    def gather_rope(self, rope: torch.Tensor) -> torch.Tensor:
+        """Rotary embeddings over the original patches -> those of each image's current patches (cached per
+        layout, so blocks sharing one rope tensor gather it once)."""
+        state = self.state
+        if state.positions is None:
+            return rope
+        key = (id(rope), len(state.kept))  # the cache holds `rope` itself, so its id stays unique
+        cached = state.gathered.get(key)
+        if cached is None or cached[0] is not rope:
+            cached = state.gathered[key] = (rope, core.gather_rope(rope, state.positions, self.num_prefix_tokens))
+        return cached[1]
+
+    def _moved(self, order: torch.Tensor) -> None:
+        state = self.state
+        state.positions = order if state.positions is None else state.positions.gather(1, order)
 
     def prune(self, x: torch.Tensor, stage: int) -> torch.Tensor:
         """Drop (eval) or mask (train) the tokens of `x` that the last scoring attention rated low."""
@@ -157,6 +200,7 @@ class TokenPruner(nn.Module):
         order = torch.cat([torch.arange(prefix, device=x.device).expand(best.shape[0], -1), best], dim=1)
         state.counts.append(torch.full_like(best[:, 0], prefix + k))
         state.kept.append((order, None))
+        self._moved(order)
         return x.gather(1, order[..., None].expand(-1, -1, x.shape[-1]))
 
     def _keep(self, scores: torch.Tensor, stage: int, eligible: torch.Tensor | None) -> torch.Tensor:
@@ -217,6 +261,7 @@ class TokenPruner(nn.Module):
             state.valid = torch.arange(most, device=x.device) < counts[:, None]
             state.pack_index, state.unpack_index = core.packing(state.valid, total)
         state.kept.append((order, state.valid))
+        self._moved(order)
         return self.pack(x)
 
     def kept_positions(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:

@@ -16,7 +16,7 @@ def pruned_class(base: type, mixin: type) -> type:
     if key not in _CLASSES:
         module = sys.modules[mixin.__module__]
         name = f"Pruned{base.__name__}"
-        while hasattr(module, name) and getattr(module, name)._token_prune_base is not base:
+        while hasattr(module, name) and getattr(getattr(module, name), "_token_prune_base", None) is not base:
             name += "_"
         cls = type(name, (mixin, base), {"_token_prune_base": base, "__module__": mixin.__module__})
         setattr(module, name, cls)

@@ -2,9 +2,9 @@
 check(model, config) -> locations (raises UnsupportedModelError), patch(model, config, locations)
 -> TokenPruner, unpatch(model)."""
 
-from . import hf, timm
+from . import hf, timm, timm_beit, timm_eva
 
-ADAPTERS = (timm, hf)
+ADAPTERS = (timm, timm_eva, timm_beit, hf)
 
 
 def find_adapter(model):

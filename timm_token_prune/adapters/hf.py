@@ -1,4 +1,4 @@
-"""Hugging Face transformers (5.x) adapter: ViT, DeiT, Dinov2 (with registers), ViT-MSN, CLIP vision.
+"""Hugging Face transformers (5.x) adapter: ViT, DeiT, Dinov2 (with registers), ViT-MSN, CLIP vision, SigLIP.
 
 No class of the model is replaced (a renamed `PreTrainedModel` would lose its checkpoint key mapping):
 - each attention module after the first pruning point gets its own copy of the config whose
@@ -6,7 +6,8 @@ No class of the model is replaced (a renamed `PreTrainedModel` would lose its ch
   scores and unpacks; it hands everything else to the model's own implementation;
 - forward hooks: the base model's pre-hook starts a forward, each scoring layer's hook prunes its
   output, the last layer's hook unpacks a packed batch; Dinov2's classifier (class token + mean of
-  patch tokens) gets the mean over kept tokens only.
+  patch tokens) gets the mean over kept tokens only; SigLIP's attention-pooling head gets a key
+  padding mask of the kept tokens.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ ATTN_IMPLEMENTATION = "timm_token_prune"
 SUPPORTED = (
     "transformers ViTModel / ViTForImageClassification, DeiTModel / DeiTForImageClassification(WithTeacher), "
     "Dinov2Model / Dinov2ForImageClassification, Dinov2WithRegisters*, ViTMSN*, CLIPVisionModel / "
-    "CLIPVisionModelWithProjection / CLIPForImageClassification"
+    "CLIPVisionModelWithProjection / CLIPForImageClassification, SiglipVisionModel / SiglipForImageClassification"
 )
 _ADDED = ("_token_pruner", "_prune_stage", "_token_prune_config", "_token_prune_fallback")
 
@@ -42,6 +43,7 @@ class _Family:
     conv: str  # path from the base model to the patch-embedding Conv2d
     registers: bool = False  # prefix = class token (+ distillation) + config.num_register_tokens
     distillation: bool = False
+    class_token: bool = True  # False: no prefix token, scores from the mean attention received
 
 
 _FAMILIES = {
@@ -53,17 +55,18 @@ _FAMILIES = {
         "encoder.layer", "attention", "embeddings.patch_embeddings.projection", registers=True
     ),
     "CLIPVisionModel": _Family("encoder.layers", "self_attn", "embeddings.patch_embedding"),
+    "SiglipVisionModel": _Family("encoder.layers", "self_attn", "embeddings.patch_embedding", class_token=False),
 }
 # top-level classes whose head averages patch tokens: the module whose output it averages
 _MEAN_POOL_SOURCE = {
     "Dinov2ForImageClassification": "dinov2.layernorm",
     "Dinov2WithRegistersForImageClassification": "dinov2_with_registers.layernorm",
     "CLIPForImageClassification": None,  # averages the last layer's output
+    "SiglipForImageClassification": "vision_model.post_layernorm",
 }
 _REASONS = {
     "BeitModel": "its relative position bias is folded into the attention mask inside each layer",
     "Data2VecVisionModel": "its relative position bias is folded into the attention mask inside each layer",
-    "SiglipVisionModel": "it has no class token, and the AS-ViT score is the class token's attention",
     "ViTMAEModel": "its embeddings shuffle and mask patches at random",
     "CLIPModel": "it holds a text tower too: patch model.vision_model instead",
 }
@@ -122,19 +125,24 @@ def patch(model: nn.Module, config: PruneConfig, locations: tuple[int, ...]) -> 
     conv = _get(base, family.conv)
     heads = getattr(attn, "num_attention_heads", None) or attn.num_heads
     attn_dim = heads * attn.head_dim
+    pool = getattr(getattr(base, "head", None), "attention", None)  # SigLIP's attention pooling
+    pool_kv = 0 if pool is None else 2 * pool.embed_dim * pool.kdim  # its key / value projections, per token
     flops = FlopsModel(
         embed_per_patch=conv.out_channels * conv.in_channels // conv.groups * conv.kernel_size[0] * conv.kernel_size[1],
-        head=linear_macs(model) - sum(linear_macs(layer) for layer in layers),
+        head=linear_macs(model) - sum(linear_macs(layer) for layer in layers) + pool_kv // 2,
         linear_per_token=linear_macs(layers[0]),
         attn_per_pair=2 * attn_dim,
-        score_per_token=attn_dim,
+        score_per_token=attn_dim if family.class_token else 0,
+        score_per_pair=0 if family.class_token else attn_dim,
+        pool_per_token=pool_kv,
         depth=len(layers),
         locations=locations,
     )
-    prefix = 1 + int(family.distillation) + (base.config.num_register_tokens if family.registers else 0)
+    prefix = int(family.class_token) + int(family.distillation)
+    prefix += base.config.num_register_tokens if family.registers else 0
     image, patch_size = base.config.image_size, base.config.patch_size
     num_patches = (image // patch_size) ** 2 if isinstance(image, int) else 196
-    pruner = TokenPruner(config, flops, prefix, num_patches)
+    pruner = TokenPruner(config, flops, prefix, num_patches, class_token=family.class_token)
     fallback = base.config._attn_implementation or "eager"
     scoring = {loc - 1: stage for stage, loc in enumerate(locations)}
     for index, layer in enumerate(layers):
@@ -160,6 +168,9 @@ def patch(model: nn.Module, config: PruneConfig, locations: tuple[int, ...]) -> 
         source.register_forward_hook(_keep_pool_source)
         _set(model.classifier, _token_pruner=pruner)
         model.classifier.register_forward_pre_hook(_mean_over_kept_tokens)
+    if pool is not None:
+        _set(pool, _token_pruner=pruner)
+        pool.register_forward_pre_hook(_pool_kept_keys, with_kwargs=True)
     model.add_module("token_pruner", pruner)
     return pruner
 
@@ -227,7 +238,17 @@ def _mean_over_kept_tokens(module: nn.Module, args: tuple):
     return (torch.cat([features[:, : features.shape[1] - mean.shape[1]], mean], dim=1),)
 
 
-_HOOKS = (_begin_forward, _prune_output, _unpack_output, _keep_pool_source, _mean_over_kept_tokens)
+def _pool_kept_keys(module: nn.Module, args: tuple, kwargs: dict):
+    """nn.MultiheadAttention pooling (SigLIP's head): hide padding / pruned tokens as keys."""
+    weights = module._token_pruner.pool_weights()
+    if weights is None:
+        return None
+    if kwargs.get("key_padding_mask") is not None or kwargs.get("attn_mask") is not None:
+        raise NotImplementedError("the pooling head's own masks cannot be combined with token pruning")
+    return args, {**kwargs, "key_padding_mask": ~(weights > 0.5)}
+
+
+_HOOKS = (_begin_forward, _prune_output, _unpack_output, _keep_pool_source, _mean_over_kept_tokens, _pool_kept_keys)
 
 
 # ---- the attention implementation ---------------------------------------------------------------

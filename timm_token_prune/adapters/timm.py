@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import core
@@ -14,23 +15,29 @@ from ..locations import resolve_locations
 from ..pruner import TokenPruner
 from ..swap import restore_class, swap_class
 
+try:
+    from timm.layers.pos_embed_sincos import apply_rot_embed_cat
+except ImportError:  # timm not installed
+    apply_rot_embed_cat = None
+
 NAME = "timm"
 SUPPORTED = (
-    "timm VisionTransformer / VisionTransformerDistilled (vit_*, deit_*, deit3_*, register-token and "
-    "LayerScale models such as dinov2) with a class token, global_pool 'token' or 'avg', and blocks of the "
-    "standard timm.layers Block with Attention"
+    "timm VisionTransformer / VisionTransformerDistilled (vit_*, deit_*, deit3_*, register-token, "
+    "LayerScale and class-token-free models such as dinov2 or vit_*_gap / siglip) with global_pool "
+    "'token', 'avg', 'max', 'avgmax' or 'map', and blocks of the standard timm.layers Block (or ResPostBlock) "
+    "with Attention"
 )
-_POOLS = ("token", "avg")
-_ADDED = ("_token_pruner", "_prune_stage")
+POOLS = ("token", "avg", "max", "avgmax", "map")
+ADDED = ("_token_pruner", "_prune_stage")
 
 
 def _timm():
     try:
         from timm.layers import Attention
-        from timm.models.vision_transformer import Block, VisionTransformer
+        from timm.models.vision_transformer import Block, ResPostBlock, VisionTransformer
     except ImportError:  # timm not installed: this adapter matches nothing
         return None
-    return VisionTransformer, Block, Attention
+    return VisionTransformer, (Block, ResPostBlock), Attention
 
 
 def matches(model: nn.Module) -> bool:
@@ -40,64 +47,69 @@ def matches(model: nn.Module) -> bool:
 
 def check(model: nn.Module, config: PruneConfig) -> tuple[int, ...]:
     """Raise `UnsupportedModelError` unless the model can be patched; return the pruning locations."""
-    _, Block, Attention = _timm()
-    name = type(model).__name__
-    reasons = []
-    if model.cls_token is None:
-        reasons.append("it has no class token (class_token=False), and the AS-ViT score is the class token's attention")
-    if getattr(model, "attn_pool", None) is not None or model.global_pool not in _POOLS:
-        reasons.append(f"global_pool={model.global_pool!r}: only {_POOLS} are supported")
+    _, blocks, Attention = _timm()
+    reasons = pool_problems(model)
     if not isinstance(model.blocks, nn.Sequential):
         reasons.append(f"model.blocks is a {type(model.blocks).__name__}, not an nn.Sequential")
     else:
-        odd = sorted({type(b).__name__ for b in model.blocks if type(b) is not Block})
-        odd += sorted({type(b.attn).__name__ for b in model.blocks if type(b) is Block and type(b.attn) is not Attention})
-        if odd:
-            reasons.append(f"it uses {', '.join(odd)} instead of the standard Block / Attention")
-        elif len({linear_macs(b) for b in model.blocks}) > 1:
-            reasons.append("its blocks differ in width")
+        reasons += block_problems(model, blocks, (Attention,), "the standard Block / Attention")
+    return checked_locations(model, config, reasons, SUPPORTED)
+
+
+def block_problems(model: nn.Module, blocks: tuple[type, ...], attentions: tuple[type, ...], expected: str) -> list[str]:
+    """Why a timm model's blocks cannot be patched (empty: they can)."""
+    odd = sorted({type(b).__name__ for b in model.blocks if type(b) not in blocks})
+    odd += sorted({type(b.attn).__name__ for b in model.blocks if type(b) in blocks and type(b.attn) not in attentions})
+    if odd:
+        return [f"it uses {', '.join(odd)} instead of {expected}"]
+    if len({linear_macs(b) for b in model.blocks}) > 1:
+        return ["its blocks differ in width"]
+    return []
+
+
+def checked_locations(model: nn.Module, config: PruneConfig, reasons: list[str], supported: str) -> tuple[int, ...]:
+    """Raise `UnsupportedModelError` with `reasons`, if any; else the pruning locations."""
+    name = type(model).__name__
     if reasons:
-        raise UnsupportedModelError(f"cannot patch {name}: {'; '.join(reasons)}. Supported: {SUPPORTED}.")
+        raise UnsupportedModelError(f"cannot patch {name}: {'; '.join(reasons)}. Supported: {supported}.")
     return resolve_locations(config.prune_locations, len(model.blocks), name)
 
 
 def patch(model: nn.Module, config: PruneConfig, locations: tuple[int, ...]) -> TokenPruner:
     attn = model.blocks[0].attn
-    conv = model.patch_embed.proj
-    flops = FlopsModel(
-        embed_per_patch=conv.out_channels * conv.in_channels // conv.groups * conv.kernel_size[0] * conv.kernel_size[1],
-        head=linear_macs(model.head) + linear_macs(getattr(model, "head_dist", nn.Identity())),
-        linear_per_token=linear_macs(model.blocks[0]),
-        attn_per_pair=2 * attn.num_heads * attn.head_dim,
-        score_per_token=attn.num_heads * attn.head_dim,
-        depth=len(model.blocks),
-        locations=locations,
-    )
-    pruner = TokenPruner(config, flops, model.num_prefix_tokens, model.patch_embed.num_patches)
-    first_scoring = locations[0] - 1
-    scoring = {loc - 1: stage for stage, loc in enumerate(locations)}
-    for index, block in enumerate(model.blocks):
-        if index < first_scoring:
-            continue
-        stage = scoring.get(index)
-        swap_class(block.attn, _PrunedAttention, _token_pruner=pruner, _prune_stage=stage)
-        if stage is not None:
-            swap_class(block, _ScoringBlock, _token_pruner=pruner, _prune_stage=stage)
-    model.add_module("token_pruner", pruner)
+    pruner = new_pruner(model, config, locations, attn_dim=attn.num_heads * attn.head_dim)
+    swap_blocks(model, pruner, PruningAttention)
     swap_class(model, _PrunedVisionTransformer)
     return pruner
 
 
+def swap_blocks(model: nn.Module, pruner: TokenPruner, attention: type) -> None:
+    """Swap the attention of every block from the first scoring one on (mixin `attention`), make the scoring
+    blocks prune their output, and attach the pruner."""
+    locations = pruner.locations
+    scoring = {loc - 1: stage for stage, loc in enumerate(locations)}
+    for index, block in enumerate(model.blocks):
+        if index < locations[0] - 1:
+            continue
+        stage = scoring.get(index)
+        swap_class(block.attn, attention, _token_pruner=pruner, _prune_stage=stage)
+        if stage is not None:
+            swap_class(block, _ScoringBlock, _token_pruner=pruner, _prune_stage=stage)
+    model.add_module("token_pruner", pruner)
+
+
 def unpatch(model: nn.Module) -> None:
     for block in model.blocks:
-        restore_class(block.attn, *_ADDED)
-        restore_class(block, *_ADDED)
+        restore_class(block.attn, *ADDED)
+        restore_class(block, *ADDED)
     del model.token_pruner
     restore_class(model)
 
 
-class _PrunedVisionTransformer:
-    def forward_features(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
+class PrunedModel:
+    """What every patched timm model class shares: input checks, and no feature maps."""
+
+    def start_forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> None:
         if attn_mask is not None or is_causal:
             raise NotImplementedError("attn_mask / is_causal cannot be combined with token pruning")
         if self.grad_checkpointing and self.training:
@@ -105,19 +117,8 @@ class _PrunedVisionTransformer:
                 "gradient checkpointing re-runs blocks, which token pruning does not support: "
                 "call model.set_grad_checkpointing(False)"
             )
-        _check_images(self, x)
+        check_images(self, x)
         self.token_pruner.begin()
-        return self.token_pruner.unpack(super().forward_features(x), zero_padding=True)
-
-    def pool(self, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
-        pool_type = self.global_pool if pool_type is None else pool_type
-        weights = self.token_pruner.pool_weights()
-        if weights is None or pool_type == "token":
-            return super().pool(x, pool_type)
-        if pool_type != "avg":
-            raise NotImplementedError(f"pool_type {pool_type!r} is not supported with token pruning")
-        start = 0 if self.pool_include_prefix else self.num_prefix_tokens
-        return core.masked_mean(x[:, start:], weights[:, start:])
 
     def forward_intermediates(self, *args, **kwargs):
         raise NotImplementedError(
@@ -126,24 +127,47 @@ class _PrunedVisionTransformer:
         )
 
 
+class _PrunedVisionTransformer(PrunedModel):
+    def forward_features(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
+        self.start_forward(x, attn_mask, is_causal)
+        return self.token_pruner.unpack(super().forward_features(x), zero_padding=True)
+
+    def pool(self, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
+        pool_type = self.global_pool if pool_type is None else pool_type
+        weights = self.token_pruner.pool_weights()
+        if weights is None:
+            return super().pool(x, pool_type)
+        return pool_kept(self, x, weights, pool_type, self.pool_include_prefix)
+
+
 class _ScoringBlock:
-    def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
-        x = super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        x = super().forward(x, *args, **kwargs)
         return self._token_pruner.prune(x, self._prune_stage)
 
 
-class _PrunedAttention:
-    def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
+class PruningAttention:
+    """timm's Attention, and eva's EvaAttention / AttentionRope, on a pruned token layout: projections on
+    packed tokens, attention on the padded batch with padding / pruned tokens hidden as keys."""
+
+    def forward(self, x: torch.Tensor, rope=None, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
         pruner = self._token_pruner
         if self._prune_stage is None and not pruner.masking():
-            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+            extra = {} if rope is None else {"rope": rope}  # timm's Attention takes no rope argument
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal, **extra)
         if attn_mask is not None or is_causal:
             raise NotImplementedError("attn_mask / is_causal cannot be combined with token pruning")
         gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
-        qkv = pruner.unpack(self.qkv(x))  # a packed batch (see TokenPruner.pack) back to (B, N, 3 C)
-        B, N, _ = qkv.shape
-        q, k, v = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = project(self, x, pruner)
         q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:  # eva: rotary embeddings of the patch tokens (already in this layout)
+            npt, half = self.num_prefix_tokens, getattr(self, "rotate_half", False)
+            q = torch.cat([q[:, :, :npt], apply_rot_embed_cat(q[:, :, npt:], rope, half=half)], dim=2).type_as(v)
+            k = torch.cat([k[:, :, :npt], apply_rot_embed_cat(k[:, :, npt:], rope, half=half)], dim=2).type_as(v)
+        groups = getattr(self, "num_kv_groups", 1)
+        if groups > 1:
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        B, _, N, _ = q.shape
         dropout_p = self.attn_drop.p if self.training else 0.0
         x = pruner.attention(q, k, v, scale=self.scale, dropout_p=dropout_p, stage=self._prune_stage)
         x = self.norm(pruner.pack(x.transpose(1, 2).reshape(B, N, -1)))
@@ -152,7 +176,74 @@ class _PrunedAttention:
         return self.proj_drop(self.proj(x))
 
 
-def _check_images(model: nn.Module, x: torch.Tensor) -> None:
+def project(attn: nn.Module, x: torch.Tensor, pruner: TokenPruner) -> tuple[torch.Tensor, ...]:
+    """q, k, v (B, heads, N, head_dim) of packed tokens `x`, as the timm / eva attention computes them."""
+    heads = attn.num_heads
+    if getattr(attn, "qkv", None) is not None:
+        if getattr(attn, "q_bias", None) is None:
+            qkv = attn.qkv(x)
+        else:
+            bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+            qkv = attn.qkv(x) + bias if attn.qkv_bias_separate else F.linear(x, attn.qkv.weight, bias)
+        qkv = pruner.unpack(qkv)  # a packed batch (see TokenPruner.pack) back to (B, N, 3 C)
+        B, N, _ = qkv.shape
+        return qkv.reshape(B, N, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k, v = (pruner.unpack(proj(x)) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+    B, N, _ = q.shape
+    return tuple(t.reshape(B, N, -1, attn.head_dim).transpose(1, 2) for t in (q, k, v))
+
+
+def pool_problems(model: nn.Module) -> list[str]:
+    """Why a timm model's pooling cannot follow pruned tokens (empty: it can)."""
+    pool, attn_pool = model.global_pool, getattr(model, "attn_pool", None)
+    if pool not in POOLS:
+        why = "it returns every token" if not pool else "its pooling attends over all token positions"
+        return [f"global_pool={pool!r}: {why}; supported: {POOLS}"]
+    if pool == "map" and (type(attn_pool).__name__ != "AttentionPoolLatent" or attn_pool.pos_embed is not None):
+        return [f"its attention pool {type(attn_pool).__name__} has per-position parameters or no key mask"]
+    if pool == "token" and getattr(model, "cls_token", None) is None:
+        return ["global_pool='token' without a class token"]
+    return []
+
+
+def new_pruner(model: nn.Module, config: PruneConfig, locations: tuple[int, ...], attn_dim: int) -> TokenPruner:
+    """The `TokenPruner` of a timm ViT: its FLOPs model, prefix tokens and kind of score."""
+    conv = model.patch_embed.proj
+    class_token = getattr(model, "cls_token", None) is not None
+    attn_pool = getattr(model, "attn_pool", None)
+    pool_macs = 0 if attn_pool is None else linear_macs(attn_pool.kv)
+    flops = FlopsModel(
+        embed_per_patch=conv.out_channels * conv.in_channels // conv.groups * conv.kernel_size[0] * conv.kernel_size[1],
+        head=linear_macs(model.head) + linear_macs(getattr(model, "head_dist", nn.Identity()))
+        + (0 if attn_pool is None else linear_macs(attn_pool) - pool_macs),
+        linear_per_token=linear_macs(model.blocks[0]),
+        attn_per_pair=2 * attn_dim,
+        score_per_token=attn_dim if class_token else 0,
+        score_per_pair=0 if class_token else attn_dim,
+        pool_per_token=pool_macs,
+        depth=len(model.blocks),
+        locations=locations,
+    )
+    return TokenPruner(config, flops, model.num_prefix_tokens, model.patch_embed.num_patches, class_token=class_token)
+
+
+def pool_kept(model: nn.Module, x: torch.Tensor, weights: torch.Tensor, pool_type: str, include_prefix: bool):
+    """timm's pooling over the kept tokens only (`weights`: the pruner's pool weights)."""
+    if pool_type == "token":
+        return x[:, 0]
+    start = 0 if include_prefix else model.num_prefix_tokens
+    x, weights = x[:, start:], weights[:, start:]
+    if getattr(model, "attn_pool", None) is not None:  # MAP: kept tokens as keys (hard mask in training)
+        return model.attn_pool(x, attn_mask=(weights > 0.5)[:, None, None, :])
+    if pool_type == "avg":
+        return core.masked_mean(x, weights)
+    if pool_type in ("max", "avgmax"):
+        top = x.masked_fill(~(weights > 0.5)[..., None], float("-inf")).amax(dim=1)
+        return top if pool_type == "max" else 0.5 * (top + core.masked_mean(x, weights))
+    raise NotImplementedError(f"pool_type {pool_type!r} is not supported with token pruning")
+
+
+def check_images(model: nn.Module, x: torch.Tensor) -> None:
     embed = model.patch_embed
     channels = embed.proj.in_channels
     if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != channels:

@@ -1,0 +1,533 @@
+"""Coverage report: which timm and transformers Vision Transformers `patch_model` handles, checked end to end.
+
+    python benchmarks/coverage.py --output docs/coverage.md      # every model (timm families + hf)
+    python benchmarks/coverage.py --family deit --limit 3        # a quick look
+    python benchmarks/coverage.py --family hf --filter 'CLIP*'   # --filter is an fnmatch pattern on names
+
+Every timm model of the vision_transformer, deit, eva and beit modules and every transformers class in
+`HF_CLASSES` is built with random weights at a tiny size (4 blocks, 8 x 8 patches, 10 classes; fewer
+overrides if a model refuses them) and classified:
+
+    patched      patch_model(model, 1.0) gives the dense output (float32, atol = rtol = 1e-4), unpatch_model
+                 restores it, and patch_model(model, 0.65) + calibrate keeps fewer tokens, with finite
+                 outputs of the dense shapes
+    unsupported  patch_model raises UnsupportedModelError (its reason is shown)
+    failed       anything else: another exception, or a mismatch
+    skipped      the model could not be built at a tiny size
+
+The Markdown report goes to stdout (and to --output, written atomically), one progress line per model
+to stderr. Exit status 1 if any model failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import fnmatch
+import gc
+import os
+import re
+import shlex
+import sys
+import tempfile
+import time
+import warnings
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+import timm_token_prune as ttp
+from timm_token_prune.errors import UnsupportedModelError
+
+try:
+    import transformers
+except ImportError:  # the hf family is then reported as skipped
+    transformers = None
+
+TIMM_FAMILIES = ("vision_transformer", "deit", "eva", "beit")
+FAMILIES = (*TIMM_FAMILIES, "hf")
+RESULTS = ("patched", "unsupported", "failed", "skipped")
+# blocks, patches per side (8 x 8: with 4 blocks, fewer leave no room to reach the budget once register
+# tokens are kept), classes, images
+DEPTH, GRID, CLASSES, BATCH = 4, 8, 10, 2
+MAX_FULL_PARAMS = 400e6  # a model built without the depth override must stay below this
+ATOL = RTOL = 1e-4
+BUDGET = 0.65
+
+# transformers classes (the README lists them as supported or as raising a clear error) -> config kind
+HF_CLASSES = {
+    "ViTModel": "vit",
+    "ViTForImageClassification": "vit",
+    "DeiTModel": "deit",
+    "DeiTForImageClassification": "deit",
+    "DeiTForImageClassificationWithTeacher": "deit",
+    "Dinov2Model": "dinov2",
+    "Dinov2ForImageClassification": "dinov2",
+    "Dinov2WithRegistersModel": "dinov2_reg",
+    "Dinov2WithRegistersForImageClassification": "dinov2_reg",
+    "ViTMSNModel": "vit_msn",
+    "ViTMSNForImageClassification": "vit_msn",
+    "CLIPVisionModel": "clip_vision",
+    "CLIPVisionModelWithProjection": "clip_vision",
+    "CLIPForImageClassification": "clip",
+    "SiglipVisionModel": "siglip_vision",
+    "SiglipForImageClassification": "siglip",
+    "BeitModel": "beit",
+    "BeitForImageClassification": "beit",
+    "Data2VecVisionModel": "data2vec",
+    "Data2VecVisionForImageClassification": "data2vec",
+    "ViTMAEModel": "vit_mae",
+    "CLIPModel": "clip",
+    "Siglip2VisionModel": "siglip2_vision",  # only if this transformers has it
+}
+HF_PATCH, HF_VOCAB, HF_TEXT_LEN = 8, 100, 8
+HF_SIZE = GRID * HF_PATCH
+_HF_WIDTH = dict(hidden_size=64, num_hidden_layers=DEPTH, num_attention_heads=4)
+_HF_VISION = dict(_HF_WIDTH, intermediate_size=128, image_size=HF_SIZE, patch_size=HF_PATCH)
+_HF_TEXT = dict(
+    _HF_WIDTH, intermediate_size=128, vocab_size=HF_VOCAB, max_position_embeddings=16, pad_token_id=1, bos_token_id=2,
+    eos_token_id=3
+)
+
+
+@dataclass
+class Built:
+    """A model ready to check: its forward inputs, one calibration batch and its dense outputs."""
+
+    model: nn.Module
+    inputs: dict[str, torch.Tensor]
+    calib: Any
+    reference: dict[str, torch.Tensor]
+    cls: str
+    note: str = ""  # how it was built, when not with the usual overrides
+
+
+@dataclass
+class Result:
+    family: str
+    name: str
+    cls: str
+    result: str
+    detail: str
+    seconds: float
+    note: str = ""  # how it was built, when not with the usual overrides
+
+
+class Mismatch(AssertionError):
+    """A patched model's output differs from the dense one, or pruning did not prune."""
+
+
+# --------------------------------------------------------------------------- forward and outputs
+
+
+def forward(model: nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The outputs to compare, by name (seeded, so random masking such as ViTMAE's repeats)."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        return outputs_of(model(**inputs))
+
+
+def outputs_of(output: Any) -> dict[str, torch.Tensor]:
+    """timm: the tensor(s); transformers: `logits` if present, else the hidden state / pooled / embeddings."""
+    if isinstance(output, torch.Tensor):
+        return {"output": output}
+    if isinstance(output, (tuple, list)) and not hasattr(output, "keys"):
+        return {f"output[{i}]": o for i, o in enumerate(output) if isinstance(o, torch.Tensor)}
+    if getattr(output, "logits", None) is not None:
+        return {"logits": output.logits}
+    keys = ("last_hidden_state", "pooler_output", "image_embeds", "logits_per_image")
+    found = {k: getattr(output, k) for k in keys if isinstance(getattr(output, k, None), torch.Tensor)}
+    if not found:
+        raise TypeError(f"no output to compare in a {type(output).__name__}")
+    return found
+
+
+def compare(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], when: str) -> float:
+    """Max abs difference over all outputs; raises `Mismatch` beyond the tolerance."""
+    worst = 0.0
+    for key, ref in want.items():
+        out = got.get(key)
+        if out is None or out.shape != ref.shape:
+            shape = None if out is None else tuple(out.shape)
+            raise Mismatch(f"{when}: {key} has shape {shape}, dense {tuple(ref.shape)}")
+        diff = (out.float() - ref.float()).abs().max().item() if ref.numel() else 0.0
+        try:
+            torch.testing.assert_close(out.float(), ref.float(), atol=ATOL, rtol=RTOL)
+        except AssertionError:
+            raise Mismatch(f"{when}: {key} differs from dense, max abs diff {diff:.2e}") from None
+        worst = max(worst, diff)
+    return worst
+
+
+# --------------------------------------------------------------------------- the check
+
+
+@dataclass
+class Step:
+    """The step of the check now running, to say where an exception came from."""
+
+    name: str = "patch_model(model, 1.0)"
+
+
+def classify(built: Built) -> tuple[str, str]:
+    """(result, detail) for one built model; the model is patched in place."""
+    model, step = built.model.eval(), Step()
+    try:
+        ttp.patch_model(model, 1.0)
+    except UnsupportedModelError as error:
+        return "unsupported", unsupported_reason(error)
+    except Exception as error:  # noqa: BLE001 - everything else is a failure to report
+        return "failed", f"{step.name}: {describe(error)}"
+    try:
+        return "patched", check_patched(built, step)
+    except Mismatch as error:
+        return "failed", describe(error)
+    except Exception as error:  # noqa: BLE001
+        return "failed", f"{step.name}: {describe(error)}"
+
+
+def check_patched(built: Built, step: Step) -> str:
+    """Budget 1.0 equals dense, unpatch restores it, budget 0.65 calibrated prunes; returns the detail."""
+    model = built.model
+    step.name = "forward at budget 1.0"
+    diff = compare(forward(model, built.inputs), built.reference, "budget 1.0")
+    step.name = "unpatch_model"
+    ttp.unpatch_model(model)
+    compare(forward(model, built.inputs), built.reference, "after unpatch_model")
+    step.name = f"patch_model(model, {BUDGET})"
+    ttp.patch_model(model, BUDGET)
+    step.name = "calibrate"
+    ttp.calibrate(model, [built.calib], BUDGET)
+    step.name = f"forward at budget {BUDGET}"
+    model.eval()
+    pruned = forward(model, built.inputs)
+    for key, ref in built.reference.items():
+        out = pruned.get(key)
+        if out is None or not pruned_shape_ok(key, out, ref):
+            shape = None if out is None else tuple(out.shape)
+            raise Mismatch(f"budget {BUDGET}: {key} has shape {shape}, dense {tuple(ref.shape)}")
+        if not torch.isfinite(out).all():
+            raise Mismatch(f"budget {BUDGET}: {key} is not finite")
+    stats = ttp.last_stats(model)
+    if not stats.kept_mean[-1] < stats.tokens:
+        raise Mismatch(f"budget {BUDGET}: last stage keeps {stats.kept_mean[-1]:g} of {stats.tokens} tokens")
+    kept = "/".join(f"{k:.1f}" for k in stats.kept_mean)
+    return f"max diff {diff:.1e}; FLOPs ratio {stats.flops_ratio:.3f} at {BUDGET} (kept {kept} of {stats.tokens})"
+
+
+def pruned_shape_ok(key: str, out: torch.Tensor, ref: torch.Tensor) -> bool:
+    """The dense shape, except that a pruned last_hidden_state holds only the kept tokens (at most N)."""
+    if key != "last_hidden_state" or out.dim() != 3:
+        return out.shape == ref.shape
+    return out.shape[0] == ref.shape[0] and out.shape[2] == ref.shape[2] and 0 < out.shape[1] <= ref.shape[1]
+
+
+def unsupported_reason(error: Exception) -> str:
+    """The message without 'cannot patch X: ' and the trailing list of supported models."""
+    text = str(error).split(" Supported:")[0].strip().rstrip(".")
+    return re.sub(r"^cannot patch \w+: ", "", text)
+
+
+def describe(error: BaseException, limit: int = 240) -> str:
+    text = " ".join(str(error).split())
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+# --------------------------------------------------------------------------- timm models
+
+
+def small_overrides(name: str) -> dict[str, Any]:
+    match = re.search(r"patch(\d+)", name)
+    patch = int(match.group(1)) if match else 16
+    return dict(depth=DEPTH, img_size=GRID * patch, num_classes=CLASSES)
+
+
+def per_block_settings(name: str) -> dict[str, Any]:
+    """Settings given per block (Sapiens2's num_kv_heads), cut to DEPTH blocks: first, two middle, last."""
+    try:
+        with torch.device("meta"):
+            blocks = list(timm.create_model(name, pretrained=False).blocks)
+    except Exception:  # noqa: BLE001 - then there is nothing to cut
+        return {}
+    heads = [getattr(b.attn, "num_kv_heads", None) for b in blocks]
+    if len(blocks) <= DEPTH or all(h is None for h in heads):
+        return {}
+    middle = len(blocks) // 2
+    return {"num_kv_heads": tuple(heads[i] for i in (0, middle - 1, middle, len(blocks) - 1))}
+
+
+def image_size(model: nn.Module) -> tuple[int, int]:
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if size is None:
+        size = model.pretrained_cfg["input_size"][-2:]
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def parameters_on_meta(name: str, overrides: dict[str, Any]) -> int:
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False, **overrides)
+    return sum(p.numel() for p in model.parameters())
+
+
+def build_timm(name: str) -> Built:
+    """Build tiny, else with fewer overrides (the first that gives a working dense forward)."""
+    errors: list[str] = []
+    small = small_overrides(name)
+    built = try_build(name, small, errors)
+    if built is not None:
+        return built
+    extra = per_block_settings(name)
+    fallbacks = [dict(small, **extra)] if extra else []
+    fallbacks += [dict(depth=DEPTH, num_classes=CLASSES, **extra), dict(depth=DEPTH, **extra), {}]
+    for overrides in fallbacks:
+        built = try_build(name, overrides, errors)
+        if built is not None:
+            built.note = f"built with {format_overrides(overrides)}"
+            return built
+    raise BuildError("; ".join(errors))
+
+
+def try_build(name: str, overrides: dict[str, Any], errors: list[str]) -> Built | None:
+    """The model built with `overrides` and its dense outputs, or None (the reason appended to `errors`)."""
+    try:
+        if "depth" not in overrides and parameters_on_meta(name, overrides) > MAX_FULL_PARAMS:
+            errors.append(f"{format_overrides(overrides)}: over {MAX_FULL_PARAMS / 1e6:.0f}M parameters at full size")
+            return None
+        torch.manual_seed(0)
+        model = timm.create_model(name, pretrained=False, **overrides).eval()
+        images = torch.randn(BATCH, 3, *image_size(model), generator=torch.Generator().manual_seed(0))
+        inputs = {"x": images}
+        return Built(model, inputs, images, forward(model, inputs), type(model).__name__)
+    except Exception as error:  # noqa: BLE001 - the caller tries fewer overrides
+        errors.append(f"{format_overrides(overrides)}: {describe(error, 120)}")
+        gc.collect()
+        return None
+
+
+def format_overrides(overrides: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in overrides.items()) or "no overrides"
+
+
+class BuildError(RuntimeError):
+    """The model could not be built (and run dense) at a tiny size."""
+
+
+# --------------------------------------------------------------------------- transformers models
+
+
+def hf_config(kind: str):
+    """A tiny config of `kind` (composite ones get tiny vision and text towers)."""
+    t = transformers
+    simple = {
+        "vit": (t.ViTConfig, _HF_VISION),
+        "deit": (t.DeiTConfig, _HF_VISION),
+        "vit_msn": (t.ViTMSNConfig, _HF_VISION),
+        "vit_mae": (t.ViTMAEConfig, _HF_VISION),
+        "dinov2": (t.Dinov2Config, dict(_HF_WIDTH, mlp_ratio=2, image_size=HF_SIZE, patch_size=HF_PATCH)),
+        "dinov2_reg": (
+            t.Dinov2WithRegistersConfig,
+            dict(_HF_WIDTH, mlp_ratio=2, image_size=HF_SIZE, patch_size=HF_PATCH, num_register_tokens=4),
+        ),
+        "beit": (t.BeitConfig, dict(_HF_VISION, use_relative_position_bias=True)),
+        "data2vec": (t.Data2VecVisionConfig, dict(_HF_VISION, use_relative_position_bias=True)),
+        "clip_vision": (t.CLIPVisionConfig, dict(_HF_VISION, projection_dim=32)),
+        "siglip_vision": (t.SiglipVisionConfig, _HF_VISION),
+    }
+    if kind in simple:
+        cls, options = simple[kind]
+        return cls(**options, num_labels=CLASSES)
+    if kind == "siglip2_vision":
+        vision = {k: v for k, v in _HF_VISION.items() if k != "image_size"}
+        return t.Siglip2VisionConfig(**vision, num_patches=(HF_SIZE // HF_PATCH) ** 2)
+    if kind == "clip":
+        return t.CLIPConfig(
+            text_config=t.CLIPTextConfig(**_HF_TEXT, projection_dim=32),
+            vision_config=hf_config("clip_vision"),
+            projection_dim=32,
+            num_labels=CLASSES,
+        )
+    if kind == "siglip":
+        return t.SiglipConfig(
+            text_config=t.SiglipTextConfig(**_HF_TEXT), vision_config=hf_config("siglip_vision"), num_labels=CLASSES
+        )
+    raise ValueError(f"unknown config kind {kind!r}")
+
+
+def hf_inputs(name: str) -> tuple[dict[str, torch.Tensor], Any]:
+    """Forward inputs and one calibration batch for the transformers class `name`."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(BATCH, 3, HF_SIZE, HF_SIZE, generator=generator)
+    if name.startswith("Siglip2"):  # naflex: patchified pixels, a patch mask and the grid shape
+        side = HF_SIZE // HF_PATCH
+        patches = images.reshape(BATCH, 3, side, HF_PATCH, side, HF_PATCH).permute(0, 2, 4, 3, 5, 1)
+        pixels = patches.reshape(BATCH, side * side, HF_PATCH * HF_PATCH * 3)
+        inputs = {
+            "pixel_values": pixels,
+            "pixel_attention_mask": torch.ones(BATCH, side * side, dtype=torch.long),
+            "spatial_shapes": torch.tensor([[side, side]] * BATCH),
+        }
+        return inputs, {"pixel_values": pixels}
+    inputs = {"pixel_values": images}
+    if name == "CLIPModel":  # both towers run
+        inputs["input_ids"] = torch.randint(0, HF_VOCAB, (BATCH, HF_TEXT_LEN), generator=generator)
+    return inputs, {"pixel_values": images}
+
+
+def build_hf(name: str) -> Built:
+    if transformers is None:
+        raise BuildError("transformers is not installed")
+    cls = getattr(transformers, name, None)
+    if cls is None:
+        raise BuildError(f"transformers {transformers.__version__} has no {name}")
+    config = hf_config(HF_CLASSES[name])
+    torch.manual_seed(0)
+    model = cls(config).eval()
+    inputs, calib = hf_inputs(name)
+    return Built(model, inputs, calib, forward(model, inputs), type(config).__name__)
+
+
+def hf_names() -> list[str]:
+    return [n for n in HF_CLASSES if n != "Siglip2VisionModel" or hasattr(transformers, n) or transformers is None]
+
+
+# --------------------------------------------------------------------------- running
+
+
+def model_names(family: str) -> list[str]:
+    return hf_names() if family == "hf" else timm.list_models(module=family)
+
+
+def check_one(family: str, name: str) -> Result:
+    start = time.perf_counter()
+    builder: Callable[[str], Built] = build_hf if family == "hf" else build_timm
+    try:
+        built = builder(name)
+    except Exception as error:  # noqa: BLE001 - a BuildError, or the hf build itself
+        reason = str(error) if isinstance(error, BuildError) else describe(error)
+        return Result(family, name, "-", "skipped", reason, time.perf_counter() - start)
+    result, detail = classify(built)
+    cls, note = built.cls, built.note
+    del built
+    gc.collect()
+    return Result(family, name, cls, result, detail, time.perf_counter() - start, note)
+
+
+def run(families: list[str], pattern: str | None, limit: int | None, progress: bool) -> list[Result]:
+    plan = []
+    for family in families:
+        names = [n for n in model_names(family) if pattern is None or fnmatch.fnmatch(n, pattern)]
+        plan += [(family, n) for n in names[:limit]]
+    results, start = [], time.perf_counter()
+    for index, (family, name) in enumerate(plan, 1):
+        result = check_one(family, name)
+        results.append(result)
+        if progress:
+            print(
+                f"[{index}/{len(plan)}] {family} {name}: {result.result} ({result.seconds:.1f} s, "
+                f"{time.perf_counter() - start:.0f} s elapsed)",
+                file=sys.stderr,
+                flush=True,
+            )
+    return results
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def totals_table(results: list[Result], families: list[str]) -> list[str]:
+    lines = ["| family | models | " + " | ".join(RESULTS) + " |", "|---|" + "---:|" * (len(RESULTS) + 1)]
+    for family in [*families, None]:
+        rows = [r for r in results if family is None or r.family == family]
+        counts = Counter(r.result for r in rows)
+        label = "**total**" if family is None else family
+        lines.append(f"| {label} | {len(rows)} | " + " | ".join(str(counts[k]) for k in RESULTS) + " |")
+    return lines
+
+
+def detail_cell(result: Result) -> str:
+    return f"{result.detail} ({result.note})" if result.note else result.detail
+
+
+def family_section(family: str, rows: list[Result]) -> list[str]:
+    """Failures first, then unsupported grouped by reason, then patched, then skipped."""
+    order = {"failed": 0, "unsupported": 1, "patched": 2, "skipped": 3}
+    rows = sorted(rows, key=lambda r: (order[r.result], r.detail if r.result == "unsupported" else "", r.name))
+    lines = [f"## {family}", ""]
+    reasons = Counter(r.detail for r in rows if r.result == "unsupported")
+    if reasons:
+        lines += ["Unsupported, by reason:", ""]
+        lines += [f"- {count} x {cell(reason)}" for reason, count in reasons.most_common()]
+        lines.append("")
+    lines += ["| model | class | result | detail |", "|---|---|---|---|"]
+    lines += [f"| `{r.name}` | {r.cls} | {r.result} | {cell(detail_cell(r))} |" for r in rows]
+    return lines + [""]
+
+
+def report(results: list[Result], families: list[str], command: str) -> str:
+    seconds = sum(r.seconds for r in results)
+    hf_version = "(not installed)" if transformers is None else transformers.__version__
+    lines = [
+        "# Model coverage of timm-token-prune",
+        "",
+        f"Produced by `{command}` with timm {timm.__version__}, transformers {hf_version}, "
+        f"torch {torch.__version__} on {datetime.date.today().isoformat()} ({seconds / 60:.1f} min). Random "
+        f"weights, {DEPTH} blocks, {GRID} x {GRID} patches; patched = dense output at budget 1.0 (atol = rtol = "
+        f"{ATOL:g}) and fewer tokens after calibrating to {BUDGET}.",
+        "",
+        *totals_table(results, families),
+        "",
+    ]
+    for family in families:
+        rows = [r for r in results if r.family == family]
+        if rows:
+            lines += family_section(family, rows)
+    return "\n".join(lines)
+
+
+def write_atomic(text: str, path: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".tmp", delete=False, encoding="utf-8") as f:
+        try:
+            f.write(text)
+        except BaseException:
+            os.unlink(f.name)
+            raise
+    os.replace(f.name, path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", action="append", choices=FAMILIES, help="repeatable (default: all)")
+    parser.add_argument("--filter", default=None, help="fnmatch pattern on model / class names")
+    parser.add_argument("--limit", type=int, default=None, help="the first N models of each family")
+    parser.add_argument("--output", default=None, help="also write the Markdown report here")
+    parser.add_argument("--no-progress", action="store_true", help="no per-model lines on stderr")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    if transformers is not None:
+        transformers.logging.set_verbosity_error()
+    torch.set_num_threads(2)
+    families = list(dict.fromkeys(args.family or FAMILIES))
+    results = run(families, args.filter, args.limit, not args.no_progress)
+    command = shlex.join(["python", "benchmarks/coverage.py", *sys.argv[1:]])
+    text = report(results, families, command)
+    print(text)
+    if args.output:
+        write_atomic(text, args.output)
+    sys.exit(1 if any(r.result == "failed" for r in results) else 0)
+
+
+if __name__ == "__main__":
+    main()

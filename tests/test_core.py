@@ -1,0 +1,65 @@
+"""The zoo-independent math against explicit N x N computations."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from timm_token_prune import core
+
+
+def _qkv(batch=2, heads=3, tokens=9, dim=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, heads, tokens, dim, generator=g) for _ in range(3)]
+
+
+def test_soft_masked_attention_is_exact_when_pruned_keys_dominate():
+    q, k, v = _qkv()
+    k[:, :, 2] = q.mean(dim=2) * 50  # token 2 would take ~all of the softmax: pruned keys must not underflow kept ones
+    mask = torch.ones(2, 9)
+    mask[:, 2] = 0
+    mask.requires_grad_(True)
+    out = core.attend(q, k, v, soft_mask=mask)
+    kept = [i for i in range(9) if i != 2]
+    expected = F.scaled_dot_product_attention(q, k[:, :, kept], v[:, :, kept])
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    out.sum().backward()
+    assert torch.isfinite(mask.grad).all() and (mask.grad[:, kept] != 0).all()
+
+
+def test_soft_mask_gradient_is_the_masked_softmax_gradient():
+    q, k, v = _qkv(seed=1)
+    mask = torch.ones(2, 9)
+    mask[:, [1, 5]] = 0
+    mask.requires_grad_(True)
+    core.attend(q, k, v, soft_mask=mask).square().sum().backward()
+    explicit = mask.detach().clone().requires_grad_(True)
+    e = ((q @ k.transpose(-2, -1)) / 8**0.5).exp() * explicit[:, None, None, :]
+    ((e / e.sum(-1, keepdim=True)) @ v).square().sum().backward()
+    torch.testing.assert_close(mask.grad, explicit.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_received_attention_scores_match_the_explicit_mean_in_chunks():
+    q, k, v = _qkv(tokens=11, seed=2)
+    valid = torch.ones(2, 11, dtype=torch.bool)
+    valid[1, 8:] = False
+    context = core.attend(q, k, v, valid=valid)
+    scores = core.received_attention_scores(q, k, context, scale=8**-0.5, valid=valid, chunk_elements=2 * 3 * 11 * 3)
+    for b, n in ((0, 11), (1, 8)):
+        probs = ((q[b, :, :n] @ k[b, :, :n].transpose(-2, -1)) * 8**-0.5).softmax(-1)  # H, n, n
+        norms = (probs @ v[b, :, :n]).norm(dim=-1)
+        expected = ((norms / norms.sum(0)) * probs.mean(dim=1)).sum(0)
+        torch.testing.assert_close(scores[b, :n], expected, atol=1e-6, rtol=1e-5)
+
+
+def test_gathers_match_plain_indexing():
+    positions = torch.tensor([[0, 1, 4, 6], [0, 2, 3, 5]])
+    bias = torch.randn(1, 3, 7, 7)
+    got = core.gather_bias(bias, positions)
+    for b in range(2):
+        p = positions[b]
+        torch.testing.assert_close(got[b], bias[0][:, p][:, :, p])
+    rope = torch.randn(6, 4)  # 6 patches after 1 prefix token
+    torch.testing.assert_close(core.gather_rope(rope, positions, 1)[1, 0], rope[positions[1, 1:] - 1])
+    per_head = torch.randn(3, 6, 4)
+    torch.testing.assert_close(core.gather_rope(per_head, positions, 1)[0], per_head[:, positions[0, 1:] - 1])

@@ -1,0 +1,84 @@
+"""timm beit adapter: `Beit` (beit_*, beitv2_*), whose attention adds a relative position bias. After
+pruning, each image's bias is the rows and columns of its kept tokens (`TokenPruner.gather_bias`)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import PruneConfig
+from ..pruner import TokenPruner
+from ..swap import swap_class
+from . import timm as timm_adapter
+
+NAME = "timm-beit"
+SUPPORTED = "timm Beit (beit_*, beitv2_*) with its Block / Attention and global_pool 'avg' or 'token'"
+_POOLS = ("avg", "token")
+
+
+def _beit():
+    try:
+        from timm.models.beit import Attention, Beit, Block
+    except ImportError:  # timm not installed: this adapter matches nothing
+        return None
+    return Beit, Block, Attention
+
+
+def matches(model: nn.Module) -> bool:
+    classes = _beit()
+    return classes is not None and isinstance(model, classes[0])
+
+
+def check(model: nn.Module, config: PruneConfig) -> tuple[int, ...]:
+    """Raise `UnsupportedModelError` unless the model can be patched; return the pruning locations."""
+    _, Block, Attention = _beit()
+    reasons = []
+    if model.global_pool not in _POOLS:
+        reasons.append(f"global_pool={model.global_pool!r} returns every token; supported: {_POOLS}")
+    reasons += timm_adapter.block_problems(model, (Block,), (Attention,), "beit's Block / Attention")
+    return timm_adapter.checked_locations(model, config, reasons, SUPPORTED)
+
+
+def patch(model: nn.Module, config: PruneConfig, locations: tuple[int, ...]) -> TokenPruner:
+    attn = model.blocks[0].attn
+    pruner = timm_adapter.new_pruner(model, config, locations, attn_dim=attn.qkv.out_features // 3)
+    timm_adapter.swap_blocks(model, pruner, _PrunedBeitAttention)
+    swap_class(model, _PrunedBeit)
+    return pruner
+
+
+unpatch = timm_adapter.unpatch
+
+
+class _PrunedBeit(timm_adapter.PrunedModel):
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        self.start_forward(x)
+        return self.token_pruner.unpack(super().forward_features(x), zero_padding=True)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        weights = self.token_pruner.pool_weights()
+        if weights is None:
+            return super().forward_head(x, pre_logits=pre_logits)
+        x = timm_adapter.pool_kept(self, x, weights, self.global_pool, include_prefix=False)
+        x = self.head_drop(self.fc_norm(x))
+        return x if pre_logits else self.head(x)
+
+
+class _PrunedBeitAttention:
+    """beit's Attention on a pruned layout: the relative position bias (its own and the model's shared one)
+    is gathered at the kept tokens' rows and columns, and added inside the fused attention."""
+
+    def forward(self, x: torch.Tensor, shared_rel_pos_bias: torch.Tensor | None = None) -> torch.Tensor:
+        pruner = self._token_pruner
+        if self._prune_stage is None and not pruner.masking() and pruner.state.positions is None:
+            return super().forward(x, shared_rel_pos_bias=shared_rel_pos_bias)
+        bias = self._get_rel_pos_bias() if self.relative_position_bias_table is not None else None
+        if shared_rel_pos_bias is not None:
+            bias = shared_rel_pos_bias if bias is None else bias + shared_rel_pos_bias
+        if bias is not None:
+            bias = pruner.gather_bias(bias)
+        q, k, v = timm_adapter.project(self, x, pruner)
+        B, _, N, _ = q.shape
+        dropout_p = self.attn_drop.p if self.training else 0.0
+        x = pruner.attention(q, k, v, scale=self.scale, dropout_p=dropout_p, stage=self._prune_stage, bias=bias)
+        return self.proj_drop(self.proj(pruner.pack(x.transpose(1, 2).reshape(B, N, -1))))
