@@ -52,6 +52,18 @@ def images(batch: int, seed: int = 1, size: int = IMG) -> torch.Tensor:
     return base * torch.linspace(0.3, 3.0, batch)[:, None, None, None]
 
 
+def reference_keep(probs: torch.Tensor, head_norms: torch.Tensor, class_token: bool, threshold: float, prefix: int):
+    """The slow loops' keep decision for one image from its full attention (1, H, N, N) and head-output
+    norms (1, H, N): the class token's row, or without one the attention each token receives averaged
+    over queries, weighted per head; S > threshold, prefix tokens and the best patch always kept."""
+    received = probs[:, :, 0, :] if class_token else probs.mean(dim=2)
+    score = ((head_norms / (head_norms.sum(1, keepdim=True) + 1e-8)) * received).sum(1)[0]
+    keep = score > threshold
+    keep[:prefix] = True
+    keep[prefix + int(score[prefix:].argmax())] = True
+    return keep
+
+
 @pytest.fixture(params=sorted(TIMM_CASES))
 def case(request) -> str:
     return request.param

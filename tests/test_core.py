@@ -44,7 +44,9 @@ def test_received_attention_scores_match_the_explicit_mean_in_chunks():
     valid = torch.ones(2, 11, dtype=torch.bool)
     valid[1, 8:] = False
     context = core.attend(q, k, v, valid=valid)
-    scores = core.received_attention_scores(q, k, context, scale=8**-0.5, valid=valid, chunk_elements=2 * 3 * 11 * 3)
+    scores = core.token_scores(
+        q, k, context, scale=8**-0.5, class_token=False, valid=valid, chunk_elements=2 * 3 * 11 * 3
+    )
     for b, n in ((0, 11), (1, 8)):
         probs = ((q[b, :, :n] @ k[b, :, :n].transpose(-2, -1)) * 8**-0.5).softmax(-1)  # H, n, n
         norms = (probs @ v[b, :, :n]).norm(dim=-1)

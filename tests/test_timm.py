@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import LOCATIONS, images, make_model
+from conftest import LOCATIONS, images, make_model, reference_keep
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 import timm_token_prune as ttp
@@ -103,16 +103,10 @@ def _slow_reference(model: torch.nn.Module, x: torch.Tensor, thresholds: list[fl
             q, k, v = attn.qkv(h).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
             q, k = attn.q_norm(q), attn.k_norm(k)
             probs = ((q @ k.transpose(-2, -1)) * attn.scale).softmax(-1)  # B, H, N, N
-            head_out = probs @ v  # B, H, N, hd
-            norms = head_out.norm(dim=-1)
-            # the class token's row, or without one the attention each token receives, averaged over queries
-            received = probs[:, :, 0, :] if model.cls_token is not None else probs.mean(dim=2)
-            score = ((norms / (norms.sum(1, keepdim=True) + 1e-8)) * received).sum(1)[0]
+            norms = (probs @ v).norm(dim=-1)  # B, H, N
+            keep = reference_keep(probs, norms, model.cls_token is not None, thresholds[stage], prefix)
         t = block(t)
         if stage is not None:
-            keep = score > thresholds[stage]
-            keep[:prefix] = True
-            keep[prefix + int(score[prefix:].argmax())] = True
             t = t[:, keep]
     return model.forward_head(model.norm(t))
 

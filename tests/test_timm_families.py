@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import images
+from conftest import images, reference_keep
 from timm.models.beit import Beit
 from timm.models.eva import Eva
 
@@ -120,11 +120,8 @@ def _slow_reference(model, x: torch.Tensor, thresholds: list[float]) -> torch.Te
             probs = seen["probs"]  # 1, H, N, N
             heads = probs.shape[1]
             norms = seen["context"].reshape(1, probs.shape[2], heads, -1).norm(dim=-1).transpose(1, 2)
-            received = probs[:, :, 0, :] if model.cls_token is not None else probs.mean(dim=2)
-            score = ((norms / (norms.sum(1, keepdim=True) + 1e-8)) * received).sum(1)[0]
-            keep = score > thresholds[LOCATIONS.index(index + 1)]
-            keep[:prefix] = True
-            keep[prefix + int(score[prefix:].argmax())] = True
+            threshold = thresholds[LOCATIONS.index(index + 1)]
+            keep = reference_keep(probs, norms, model.cls_token is not None, threshold, prefix)
             t, kept = t[:, keep], kept[keep]
     return model.forward_head(model.norm(t))
 

@@ -83,46 +83,33 @@ def _weigh_heads(attn: torch.Tensor, context: torch.Tensor, method: str) -> torc
     return (weights * attn).sum(dim=1)
 
 
-def class_token_scores(
+def token_scores(
     q: torch.Tensor,
     k: torch.Tensor,
     context: torch.Tensor,
     *,
     scale: float,
     method: str = "head_norm",
-    valid: torch.Tensor | None = None,
-    soft_mask: torch.Tensor | None = None,
-    bias: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Token importance S_i = sum_h R_h,i A_h[cls, i] (AS-ViT), or the head mean of A[cls, i] (EViT).
-
-    Only the class token's attention row is computed (q_cls K^T: O(N d) per head); R_h,i is the L2 norm
-    of head h's output for token i divided by its sum over heads.
-    """
-    row_bias = None if bias is None else bias[..., :1, :]
-    attn = _attention_rows(q[:, :, :1], k, scale=scale, bias=row_bias, valid=valid, soft_mask=soft_mask)
-    return _weigh_heads(attn.squeeze(2), context, method)
-
-
-def received_attention_scores(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    context: torch.Tensor,
-    *,
-    scale: float,
-    method: str = "head_norm",
+    class_token: bool = True,
     valid: torch.Tensor | None = None,
     soft_mask: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     chunk_elements: int = 1 << 24,
 ) -> torch.Tensor:
-    """Token importance for models without a class token: S_j = sum_h R_h,j mean_i A_h[i, j], the
-    attention token j receives averaged over the (real, kept) queries i, weighted per head as in
-    `class_token_scores`. A class token's row is one such row; with global average pooling every token
-    contributes alike, so the mean row stands in for it. Costs one Q K^T (O(N^2 d) per head), computed
-    in blocks of query rows so at most `chunk_elements` attention weights exist at a time.
+    """Token importance S_i = sum_h R_h,i A_h[cls, i] (AS-ViT), or the head mean of A[cls, i] (EViT);
+    R_h,i is the L2 norm of head h's output for token i divided by its sum over heads.
+
+    With a class token (token 0) only its attention row is computed (q_cls K^T: O(N d) per head).
+    Without one (`class_token=False`), A[cls, i] becomes mean_j A[j, i], the attention token i receives
+    averaged over the (real, kept) queries j: with global average pooling every token contributes
+    alike, so the mean row stands in for the class row. That costs one Q K^T (O(N^2 d) per head),
+    computed in blocks of query rows so at most `chunk_elements` attention weights exist at a time.
     """
     batch, heads, tokens, _ = q.shape
+    if class_token:
+        row_bias = None if bias is None else bias[..., :1, :]
+        attn = _attention_rows(q[:, :, :1], k, scale=scale, bias=row_bias, valid=valid, soft_mask=soft_mask)
+        return _weigh_heads(attn.squeeze(2), context, method)
     if soft_mask is not None:
         query_weights = soft_mask
     elif valid is not None:

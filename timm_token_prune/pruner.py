@@ -145,9 +145,9 @@ class TokenPruner(nn.Module):
             # earlier masks enter the score detached: a threshold must not steer later stages through the
             # re-normalised class attention (see _mask)
             earlier = None if state.soft_mask is None else state.soft_mask.detach()
-            score = core.class_token_scores if self.class_token else core.received_attention_scores
-            state.scores = score(
-                q, k, context, scale=scale, method=self.config.score, valid=state.valid, soft_mask=earlier, bias=bias
+            state.scores = core.token_scores(
+                q, k, context, scale=scale, method=self.config.score, class_token=self.class_token,
+                valid=state.valid, soft_mask=earlier, bias=bias,
             )
         return context
 
