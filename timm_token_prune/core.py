@@ -62,14 +62,14 @@ def _attention_rows(
     """Softmax attention of the queries `q` (B, H, R, d) over the keys that `valid` and the (detached,
     0/1) `soft_mask` leave, as in `attend`; pruned keys are excluded before the softmax, never after,
     so that kept keys cannot underflow."""
-    logits = (q @ k.transpose(-2, -1)) * scale
+    logits = (q * scale) @ k.transpose(-2, -1)  # scaling q: fewer elements than the logits
     if bias is not None:
-        logits = logits + bias
+        logits += bias
     keys = valid
     if soft_mask is not None:
         keys = soft_mask > 0.5 if keys is None else keys & (soft_mask > 0.5)
     if keys is not None:
-        logits = logits.masked_fill(~keys[:, None, None, :], float("-inf"))
+        logits.masked_fill_(~keys[:, None, None, :], float("-inf"))
     return logits.softmax(dim=-1)
 
 
@@ -94,7 +94,7 @@ def token_scores(
     valid: torch.Tensor | None = None,
     soft_mask: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
-    chunk_elements: int = 1 << 24,
+    chunk_elements: int = 1 << 20,
 ) -> torch.Tensor:
     """Token importance S_i = sum_h R_h,i A_h[cls, i] (AS-ViT), or the head mean of A[cls, i] (EViT);
     R_h,i is the L2 norm of head h's output for token i divided by its sum over heads.
@@ -115,16 +115,20 @@ def token_scores(
     elif valid is not None:
         query_weights = valid.to(q.dtype)
     else:
-        query_weights = q.new_ones(batch, tokens)
-    rows = max(1, chunk_elements // max(1, batch * heads * tokens))
-    received = q.new_zeros(batch, heads, tokens)
+        query_weights = None  # every query counts once
+    # blocks of query rows small enough to stay in cache (about 4 MB of float32 weights each)
+    rows = max(8, chunk_elements // max(1, batch * heads * tokens))
+    received = q.new_zeros(batch, heads, 1, tokens)
     for start in range(0, tokens, rows):
         stop = min(start + rows, tokens)
         row_bias = None if bias is None else bias[..., start:stop, :]
         attn = _attention_rows(q[:, :, start:stop], k, scale=scale, bias=row_bias, valid=valid, soft_mask=soft_mask)
-        received = received + (attn * query_weights[:, None, start:stop, None]).sum(dim=2)
-    received = received / query_weights.sum(dim=1).clamp_min(_EPS)[:, None, None]
-    return _weigh_heads(received, context, method)
+        if query_weights is None:
+            received += attn.sum(dim=2, keepdim=True)
+        else:  # a weighted sum over the rows as a matrix-vector product: no weighted copy of attn
+            received += query_weights[:, None, None, start:stop].to(attn.dtype) @ attn
+    count = tokens if query_weights is None else query_weights.sum(dim=1).clamp_min(_EPS)[:, None, None]
+    return _weigh_heads(received.squeeze(2) / count, context, method)
 
 
 def gather_bias(bias: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
