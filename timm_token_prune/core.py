@@ -52,17 +52,16 @@ def attend(
 
 def _attention_rows(
     q: torch.Tensor,
-    k: torch.Tensor,
+    keys_t: torch.Tensor,
     *,
-    scale: float,
     bias: torch.Tensor | None,
     valid: torch.Tensor | None,
     soft_mask: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Softmax attention of the queries `q` (B, H, R, d) over the keys that `valid` and the (detached,
-    0/1) `soft_mask` leave, as in `attend`; pruned keys are excluded before the softmax, never after,
-    so that kept keys cannot underflow."""
-    logits = (q * scale) @ k.transpose(-2, -1)  # scaling q: fewer elements than the logits
+    """Softmax attention of the (scaled) queries `q` (B, H, R, d) over the keys `keys_t` (B, H, d, N) that
+    `valid` and the (detached, 0/1) `soft_mask` leave, as in `attend`; pruned keys are excluded before
+    the softmax, never after, so that kept keys cannot underflow."""
+    logits = q @ keys_t
     if bias is not None:
         logits += bias
     keys = valid
@@ -108,7 +107,8 @@ def token_scores(
     batch, heads, tokens, _ = q.shape
     if class_token:
         row_bias = None if bias is None else bias[..., :1, :]
-        attn = _attention_rows(q[:, :, :1], k, scale=scale, bias=row_bias, valid=valid, soft_mask=soft_mask)
+        keys_t = k.transpose(-2, -1)
+        attn = _attention_rows(q[:, :, :1] * scale, keys_t, bias=row_bias, valid=valid, soft_mask=soft_mask)
         return _weigh_heads(attn.squeeze(2), context, method)
     if soft_mask is not None:
         query_weights = soft_mask
@@ -118,11 +118,12 @@ def token_scores(
         query_weights = None  # every query counts once
     # blocks of query rows small enough to stay in cache (about 4 MB of float32 weights each)
     rows = max(8, chunk_elements // max(1, batch * heads * tokens))
+    q, keys_t = q * scale, k.transpose(-2, -1).contiguous()  # once, not per block of rows
     received = q.new_zeros(batch, heads, 1, tokens)
     for start in range(0, tokens, rows):
         stop = min(start + rows, tokens)
         row_bias = None if bias is None else bias[..., start:stop, :]
-        attn = _attention_rows(q[:, :, start:stop], k, scale=scale, bias=row_bias, valid=valid, soft_mask=soft_mask)
+        attn = _attention_rows(q[:, :, start:stop], keys_t, bias=row_bias, valid=valid, soft_mask=soft_mask)
         if query_weights is None:
             received += attn.sum(dim=2, keepdim=True)
         else:  # a weighted sum over the rows as a matrix-vector product: no weighted copy of attn
