@@ -15,9 +15,7 @@ import json
 import math
 import os
 import random
-import shutil
-import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,9 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import checkpoints
 from .api import budget_loss, get_pruner, last_stats, unpatch_model
 from .batches import logits_of, split_batch
 from .flops import solve_keep_ratio
+from .pruner import TokenPruner
+from .training import TrainState
 
 
 @dataclass
@@ -130,13 +131,55 @@ def distill(
     wrapped in DistributedDataParallel and the loader given a DistributedSampler; rank 0 writes.
     """
     config = dataclasses.replace(config, **options) if config else DistillConfig(**options)
+    output = Path(output_dir) if output_dir is not None else None
+    if resume and output is None:
+        raise ValueError("resume=True needs output_dir")
+    run = _setup(student, train_loader, teacher, eval_loader, output, config)
+    torch.manual_seed(config.seed + run.rank)
+    random.seed(config.seed + run.rank)
+    state = TrainState()
+    if resume:
+        checkpoint = checkpoints.load_latest(output)
+        if checkpoint is not None:
+            state = checkpoint.apply(student, run.optimizer, run.scheduler)
+    while state.step < run.total and state.epoch < config.epochs:
+        _run_epoch(run, state)
+    _save(run, state)
+    student.eval()
+    return state.history
+
+
+@dataclass
+class _Run:
+    """What the epochs of one `distill` call share."""
+
+    student: nn.Module
+    model: nn.Module  # the student, or its DistributedDataParallel wrapper
+    teacher: nn.Module
+    pruner: TokenPruner
+    loader: Iterable[Any]
+    eval_loader: Iterable[Any] | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    config: DistillConfig
+    steps_per_epoch: int | None  # None for a loader without len()
+    total: int  # optimiser steps of the whole run
+    output: Path | None
+    rank: int
+    log: _Log
+    num_classes: int | None = None  # known once the first batch has been checked
+
+    @property
+    def device(self) -> torch.device:
+        return self.pruner.thresholds.device
+
+
+def _setup(student, train_loader, teacher, eval_loader, output: Path | None, config: DistillConfig) -> _Run:
     pruner = get_pruner(student)
-    device = pruner.thresholds.device
     rank, world = _distributed()
     if teacher is None:
         teacher = unpatch_model(copy.deepcopy(student))
     teacher.eval().requires_grad_(False)
-    output = Path(output_dir) if output_dir is not None else None
     loader = _distributed_loader(train_loader, config.seed) if world > 1 else train_loader
     steps_per_epoch = math.ceil(len(loader) / config.grad_accum_steps) if hasattr(loader, "__len__") else None
     total = config.max_steps or (steps_per_epoch * config.epochs if steps_per_epoch else None)
@@ -145,77 +188,89 @@ def distill(
     optimizer = _optimizer(student, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine(config, total))
     model = _wrap_ddp(student) if world > 1 else student
+    return _Run(student, model, teacher, pruner, loader, eval_loader, optimizer, scheduler, config,
+                steps_per_epoch, total, output, rank, _Log(output, rank))
 
-    state = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "epoch_rng": None, "history": []}
-    torch.manual_seed(config.seed + rank)
-    random.seed(config.seed + rank)
-    if resume:
-        if output is None:
-            raise ValueError("resume=True needs output_dir")
-        _load_checkpoint(output, student, optimizer, scheduler, state, rank)
-    num_classes = None
-    log = _Log(output, rank)
-    while state["step"] < total and state["epoch"] < config.epochs:
-        if state["epoch_rng"] is None or state["batches_in_epoch"] == 0:
-            state["epoch_rng"] = torch.get_rng_state()
-        resume_rng = torch.get_rng_state()
-        torch.set_rng_state(state["epoch_rng"])  # the data order of this epoch, as it was first drawn
-        if hasattr(getattr(loader, "sampler", None), "set_epoch"):
-            loader.sampler.set_epoch(state["epoch"])
-        batches = iter(loader)
-        first = list(itertools.islice(batches, 1))  # a sampler draws its seed at the first batch: do it now
-        batches = itertools.chain(first, batches)
-        for _ in range(state["batches_in_epoch"]):  # resuming mid-epoch: skip what was done
-            next(batches)
-        torch.set_rng_state(resume_rng)
-        totals = _Totals()
-        bar = _progress(config, rank, steps_per_epoch, state)
-        model.train()
-        optimizer.zero_grad(set_to_none=True)
-        accumulated = 0
-        for batch in batches:
-            x, y, cached = split_batch(batch)
-            x = x.to(device)
-            y = None if y is None else y.to(device)
-            if num_classes is None:
-                num_classes = _check_first_batch(student, teacher, x, pruner)
-            if y is not None:
-                _check_labels(y, num_classes)
-            metrics = _step(model, student, teacher, x, y, cached, config)
-            totals.add(metrics, len(x))
-            accumulated += 1
-            state["batches_in_epoch"] += 1
-            if accumulated < config.grad_accum_steps:
-                continue
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            accumulated = 0
-            state["step"] += 1
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(totals.postfix())
-            if state["step"] % config.log_every == 0:
-                log.write({"kind": "step", "step": state["step"], "epoch": state["epoch"],
-                           "lr": scheduler.get_last_lr()[0], **totals.mean()})
-            if output is not None and config.checkpoint_every and state["step"] % config.checkpoint_every == 0:
-                _save_checkpoint(output, student, optimizer, scheduler, state, config, rank)
-            if state["step"] >= total:
-                break
-        if bar is not None:
-            bar.close()
-        epoch_metrics = {"kind": "epoch", "epoch": state["epoch"], "step": state["step"], **totals.mean()}
-        if eval_loader is not None:
-            epoch_metrics.update({f"eval_{k}": v for k, v in evaluate(student, eval_loader).items()})
-        state["history"].append(epoch_metrics)
-        log.write(epoch_metrics)
-        state["epoch"] += 1
-        state["batches_in_epoch"] = 0
-        state["epoch_rng"] = None
-    if output is not None:
-        _save_checkpoint(output, student, optimizer, scheduler, state, config, rank)
-    student.eval()
-    return state["history"]
+
+def _run_epoch(run: _Run, state: TrainState) -> None:
+    """One epoch from where `state` stands: its data order, the batches already done skipped, an optimiser
+    step every `grad_accum_steps` batches, step logs and periodic checkpoints, then the epoch's metrics."""
+    batches = _epoch_batches(run, state)
+    bar = _progress(run.config, run.rank, run.steps_per_epoch, state)
+    run.model.train()
+    run.optimizer.zero_grad(set_to_none=True)
+    in_group = 0
+    for batch in batches:
+        _train_batch(run, state, batch)
+        in_group += 1
+        if in_group < run.config.grad_accum_steps:
+            continue
+        _optimizer_step(run, state, bar)
+        in_group = 0
+        if state.step >= run.total:
+            break
+    if bar is not None:
+        bar.close()
+    _finish_epoch(run, state)
+
+
+def _epoch_batches(run: _Run, state: TrainState) -> Iterator[Any]:
+    """The current epoch's batches in the order first drawn for it, without those already trained on."""
+    if state.epoch_rng is None or state.batches_in_epoch == 0:
+        state.epoch_rng = torch.get_rng_state()
+    resume_rng = torch.get_rng_state()
+    torch.set_rng_state(state.epoch_rng)  # the data order of this epoch, as it was first drawn
+    if hasattr(getattr(run.loader, "sampler", None), "set_epoch"):
+        run.loader.sampler.set_epoch(state.epoch)
+    batches = iter(run.loader)
+    first = list(itertools.islice(batches, 1))  # a sampler draws its seed at the first batch: do it now
+    batches = itertools.chain(first, batches)
+    for _ in range(state.batches_in_epoch):  # resuming mid-epoch: skip what was done
+        next(batches)
+    torch.set_rng_state(resume_rng)
+    return batches
+
+
+def _train_batch(run: _Run, state: TrainState, batch: Any) -> None:
+    """Forward and backward of one batch; the gradient accumulates until the optimiser step."""
+    x, y, cached = split_batch(batch)
+    x = x.to(run.device)
+    y = None if y is None else y.to(run.device)
+    if run.num_classes is None:
+        run.num_classes = _check_first_batch(run.student, run.teacher, x, run.pruner)
+    if y is not None:
+        _check_labels(y, run.num_classes)
+    metrics = _step(run.model, run.student, run.teacher, x, y, cached, run.config)
+    state.totals.add(metrics, len(x))
+    state.batches_in_epoch += 1
+
+
+def _optimizer_step(run: _Run, state: TrainState, bar) -> None:
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    if bar is not None:
+        bar.update(1)
+        bar.set_postfix(state.totals.postfix())
+    if state.step % run.config.log_every == 0:
+        run.log.write({"kind": "step", "step": state.step, "epoch": state.epoch,
+                       "lr": run.scheduler.get_last_lr()[0], **state.totals.mean()})
+    if run.config.checkpoint_every and state.step % run.config.checkpoint_every == 0:
+        _save(run, state)
+
+
+def _finish_epoch(run: _Run, state: TrainState) -> None:
+    record = {"kind": "epoch", "epoch": state.epoch, "step": state.step, **state.totals.mean()}
+    if run.eval_loader is not None:
+        record.update({f"eval_{k}": v for k, v in evaluate(run.student, run.eval_loader).items()})
+    run.log.write(record)
+    state.finish_epoch(record)
+
+
+def _save(run: _Run, state: TrainState) -> None:
+    if run.output is not None and run.rank == 0:
+        checkpoints.save(run.output, run.student, run.optimizer, run.scheduler, state, run.config)
 
 
 def distillation_loss(
@@ -305,32 +360,13 @@ def _cosine(config: DistillConfig, total: int):
     return factor
 
 
-class _Totals:
-    def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
-        self.count = 0
-
-    def add(self, metrics: dict[str, float], n: int) -> None:
-        for k, v in metrics.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v * n
-        self.count += n
-
-    def mean(self) -> dict[str, float]:
-        return {k: v / max(self.count, 1) for k, v in self.sums.items()}
-
-    def postfix(self) -> dict[str, str]:
-        m = self.mean()
-        keys = {"loss": "loss", "acc": "acc", "kept_ratio": "kept", "flops_ratio": "flops"}
-        return {short: f"{m[k]:.3g}" for k, short in keys.items() if k in m}
-
-
-def _progress(config: DistillConfig, rank: int, steps_per_epoch, state):
+def _progress(config: DistillConfig, rank: int, steps_per_epoch: int | None, state: TrainState):
     if not config.progress or rank != 0:
         return None
     from tqdm.auto import tqdm
 
-    done = state["batches_in_epoch"] // config.grad_accum_steps
-    return tqdm(total=steps_per_epoch, initial=done, desc=f"epoch {state['epoch'] + 1}/{config.epochs}", unit="step")
+    done = state.batches_in_epoch // config.grad_accum_steps
+    return tqdm(total=steps_per_epoch, initial=done, desc=f"epoch {state.epoch + 1}/{config.epochs}", unit="step")
 
 
 class _Log:
@@ -343,81 +379,6 @@ class _Log:
         if self.path is not None:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
-
-
-# ---- checkpoints ----------------------------------------------------------------------------------
-def _save_checkpoint(output: Path, model, optimizer, scheduler, state, config: DistillConfig, rank: int) -> None:
-    if rank != 0:
-        return
-    from safetensors.torch import save_file
-
-    output.mkdir(parents=True, exist_ok=True)
-    tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
-    opt_state = optimizer.state_dict()
-    meta_state = {}
-    for index, values in opt_state["state"].items():
-        meta_state[index] = {}
-        for key, value in values.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"optimizer.{index}.{key}"] = value.contiguous()
-            else:
-                meta_state[index][key] = value
-    tensors["rng.torch"] = torch.get_rng_state()
-    if state["epoch_rng"] is not None:
-        tensors["rng.epoch"] = state["epoch_rng"]
-    meta = {
-        "step": state["step"],
-        "epoch": state["epoch"],
-        "batches_in_epoch": state["batches_in_epoch"],
-        "history": state["history"],
-        "optimizer": {"param_groups": opt_state["param_groups"], "state": meta_state},
-        "scheduler": scheduler.state_dict(),
-        "rng_python": _jsonable(random.getstate()),
-        "config": dataclasses.asdict(config),
-    }
-    staging = Path(tempfile.mkdtemp(dir=output, prefix=".checkpoint-tmp-"))
-    save_file(tensors, staging / "state.safetensors")
-    (staging / "state.json").write_text(json.dumps(meta))
-    final = output / f"checkpoint-{state['step']}"
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(staging, final)  # the checkpoint appears whole or not at all
-    latest = output / ".latest.tmp"
-    latest.write_text(final.name)
-    os.replace(latest, output / "latest")
-
-
-def _load_checkpoint(output: Path, model, optimizer, scheduler, state, rank: int) -> None:
-    from safetensors.torch import load_file
-
-    pointer = output / "latest"
-    if not pointer.is_file():
-        return  # nothing saved yet: start from scratch
-    folder = output / pointer.read_text().strip()
-    tensors = load_file(folder / "state.safetensors")
-    meta = json.loads((folder / "state.json").read_text())
-    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
-    opt_state = {"param_groups": meta["optimizer"]["param_groups"], "state": {}}
-    for index, values in meta["optimizer"]["state"].items():
-        opt_state["state"][int(index)] = dict(values)
-    for key, value in tensors.items():
-        if key.startswith("optimizer."):
-            _, index, name = key.split(".", 2)
-            opt_state["state"].setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict(opt_state)
-    scheduler.load_state_dict(meta["scheduler"])
-    state.update(step=meta["step"], epoch=meta["epoch"], batches_in_epoch=meta["batches_in_epoch"],
-                 history=meta["history"], epoch_rng=tensors.get("rng.epoch"))
-    torch.set_rng_state(tensors["rng.torch"])
-    random.setstate(_tuples(meta["rng_python"]))
-
-
-def _jsonable(value):
-    return [_jsonable(v) for v in value] if isinstance(value, (tuple, list)) else value
-
-
-def _tuples(value):
-    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
 # ---- distributed ----------------------------------------------------------------------------------
