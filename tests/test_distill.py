@@ -148,3 +148,52 @@ def test_evaluate_reports_top1_and_gflops():
     assert result["top1"] == pytest.approx(expected)
     assert result["flops_ratio"] == pytest.approx(ttp.last_stats(model).flops_ratio, abs=0.1)
     assert "gflops" not in evaluate(make_model("vit"), DataLoader(data, batch_size=8))
+
+
+# ---- the teacher ----------------------------------------------------------------------------------
+def labelled(n: int, size: int = 4, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`n` (images, labels) batches of `size` images: a loader with len() whose batches can be swapped."""
+    g = torch.Generator().manual_seed(seed)
+    return [(images(size, seed=seed * 100 + i), torch.randint(0, 10, (size,), generator=g)) for i in range(n)]
+
+
+def flags(model: torch.nn.Module) -> tuple[list[bool], list[bool]]:
+    return [m.training for m in model.modules()], [p.requires_grad for p in model.parameters()]
+
+
+def test_the_callers_teacher_keeps_its_flags_and_a_second_copy_of_it_trains_fully():
+    dense = make_model("vit").train()
+    dense.blocks[0].eval()  # mixed flags must come back exactly, not just model.train(True)
+    dense.patch_embed.requires_grad_(False)
+    before = flags(dense)
+    first = ttp.patch_model(copy.deepcopy(dense), budget=0.5, prune_locations=LOCATIONS)
+    modes_seen = []
+    hook = dense.register_forward_pre_hook(lambda module, args: modes_seen.append(module.training))
+    ttp.distill(first, labelled(2), teacher=dense, lr=1e-3, progress=False)
+    hook.remove()
+    assert flags(dense) == before
+    assert modes_seen and not any(modes_seen)  # it ran in eval mode
+    # the reported failure: a second student copied from the teacher trained its thresholds only
+    second = ttp.patch_model(copy.deepcopy(dense), budget=0.5, prune_locations=LOCATIONS)
+    head = second.head.weight.detach().clone()
+    ttp.distill(second, labelled(2), teacher=dense, lr=1e-3, progress=False)
+    assert not torch.equal(second.head.weight, head)
+    bad_labels = [(images(4), torch.arange(4) + 9)]
+    with pytest.raises(ValueError, match="labels must be in"):
+        ttp.distill(ttp.patch_model(copy.deepcopy(dense), budget=0.5, prune_locations=LOCATIONS), bad_labels,
+                    teacher=dense, progress=False)
+    assert flags(dense) == before
+
+
+@pytest.mark.parametrize("teacher", ["the student itself", "a model sharing its head"])
+def test_a_teacher_that_shares_the_students_parameters_is_rejected_up_front(teacher):
+    model = student().train()
+    dense = model
+    if teacher == "a model sharing its head":
+        dense = make_model("vit")
+        dense.head = model.head
+    weights, before = copy.deepcopy(model.state_dict()), flags(model)
+    with pytest.raises(ValueError, match="teacher shares parameters with the student.*teacher=None"):
+        ttp.distill(model, labelled(2), teacher=dense, lr=1e-3, progress=False)
+    assert flags(model) == before
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())

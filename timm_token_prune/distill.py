@@ -8,6 +8,7 @@ checkpoints and exact resume; it runs under `torchrun` (DistributedDataParallel)
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import itertools
@@ -134,6 +135,7 @@ def distill(
     output = Path(output_dir) if output_dir is not None else None
     if resume and output is None:
         raise ValueError("resume=True needs output_dir")
+    _check_teacher(student, teacher)
     run = _setup(student, train_loader, teacher, eval_loader, output, config)
     torch.manual_seed(config.seed + run.rank)
     random.seed(config.seed + run.rank)
@@ -142,11 +144,37 @@ def distill(
         checkpoint = checkpoints.load_latest(output)
         if checkpoint is not None:
             state = checkpoint.apply(student, run.optimizer, run.scheduler)
-    while state.step < run.total and state.epoch < config.epochs:
-        _run_epoch(run, state)
-    _save(run, state)
+    # Train/eval flags come back as they were, also on error: the teacher may be the caller's own model.
+    with _modes_kept(run.teacher), _modes_kept(student):
+        run.teacher.eval()
+        while state.step < run.total and state.epoch < config.epochs:
+            _run_epoch(run, state)
+        _save(run, state)
     student.eval()
     return state.history
+
+
+def _check_teacher(student: nn.Module, teacher: nn.Module | None) -> None:
+    """The teacher must stay the dense model the student is measured against: training must not move it."""
+    if teacher is None:
+        return
+    student_params = {id(p) for p in student.parameters()}
+    if teacher is student or any(id(p) in student_params for p in teacher.parameters()):
+        raise ValueError(
+            "the teacher shares parameters with the student (teacher=student?), so training would move the "
+            "teacher too: pass a separate dense model, e.g. teacher=None makes a dense copy of the student"
+        )
+
+
+@contextlib.contextmanager
+def _modes_kept(module: nn.Module) -> Iterator[None]:
+    """Restore every submodule's train/eval flag on exit, however the block ends."""
+    modes = [(m, m.training) for m in module.modules()]
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 @dataclass
@@ -179,7 +207,8 @@ def _setup(student, train_loader, teacher, eval_loader, output: Path | None, con
     rank, world = _distributed()
     if teacher is None:
         teacher = unpatch_model(copy.deepcopy(student))
-    teacher.eval().requires_grad_(False)
+    # No requires_grad_(False) on the teacher: it runs under no_grad, and a caller's teacher keeps its flags
+    # (a student deep-copied from it later would silently train its thresholds only).
     loader = _distributed_loader(train_loader, config.seed) if world > 1 else train_loader
     steps_per_epoch = math.ceil(len(loader) / config.grad_accum_steps) if hasattr(loader, "__len__") else None
     total = config.max_steps or (steps_per_epoch * config.epochs if steps_per_epoch else None)
