@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 
 import pytest
@@ -197,3 +198,56 @@ def test_a_teacher_that_shares_the_students_parameters_is_rejected_up_front(teac
         ttp.distill(model, labelled(2), teacher=dense, lr=1e-3, progress=False)
     assert flags(model) == before
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+
+
+# ---- gradient accumulation ------------------------------------------------------------------------
+def _train(batches, out=None, **options) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = student()
+    options = dict(lr=1e-3, min_lr=1e-4, progress=False, log_every=1, **options)
+    ttp.distill(model, batches, teacher=make_model("vit"), output_dir=out, **options)
+    return model
+
+
+def _step_records(out) -> list[dict]:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if r["kind"] == "step"]
+
+
+def test_the_last_partial_accumulation_group_of_each_epoch_takes_a_step(tmp_path):
+    batches = labelled(7)
+    model = _train(batches, tmp_path / "a", grad_accum_steps=3, epochs=2)
+    steps = _step_records(tmp_path / "a")
+    assert [(r["epoch"], r["step"]) for r in steps] == [(0, 1), (0, 2), (0, 3), (1, 4), (1, 5), (1, 6)]  # ceil(7/3)
+    assert steps[-1]["lr"] == pytest.approx(1e-4, rel=1e-9)  # the cosine ends at min_lr on the last step
+    assert (tmp_path / "a" / "latest").read_text() == "checkpoint-6"
+    other = _train(batches[:6] + labelled(1, seed=5), grad_accum_steps=3, epochs=2)  # another 7th batch
+    assert not torch.equal(model.token_pruner.thresholds, other.token_pruner.thresholds)
+    assert not torch.equal(model.head.weight, other.head.weight)
+
+
+def test_a_partial_group_steps_on_the_mean_gradient_of_its_batches():
+    batches = labelled(7)
+    partial = _train(batches, grad_accum_steps=3)  # groups 1-3, 4-6, 7
+    repeated = _train(batches + batches[6:] * 2, grad_accum_steps=3)  # groups 1-3, 4-6, (7, 7, 7): same mean
+    expected, got = repeated.state_dict(), partial.state_dict()
+    # the key bias has no gradient in exact arithmetic (softmax ignores it): Adam makes its rounding noise a step
+    compared = [k for k in expected if not k.endswith("attn.qkv.bias")]
+    assert all(torch.allclose(expected[k], got[k], rtol=1e-4, atol=1e-6) for k in compared)
+    initial = student().state_dict()
+    assert not torch.allclose(initial["token_pruner.thresholds"], got["token_pruner.thresholds"], atol=1e-6)
+
+
+def test_fewer_batches_than_one_accumulation_group_still_take_a_step(tmp_path):
+    model = _train(labelled(2), tmp_path, grad_accum_steps=3)
+    assert [r["step"] for r in _step_records(tmp_path)] == [1]
+    assert _step_records(tmp_path)[-1]["lr"] == pytest.approx(1e-4, rel=1e-9)
+    assert not torch.equal(model.head.weight, student().head.weight)
+
+
+def test_max_steps_beyond_what_the_loader_feeds_still_ends_the_schedule_at_min_lr(tmp_path):
+    _train(labelled(3), tmp_path, max_steps=10)
+    assert [r["step"] for r in _step_records(tmp_path)] == [1, 2, 3]
+    assert _step_records(tmp_path)[-1]["lr"] == pytest.approx(1e-4, rel=1e-9)
+    with pytest.warns(UserWarning, match="ran out after 3 of max_steps=10"):  # no len(): known only at the end
+        _train(iter(labelled(3)), max_steps=10)

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import random
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,6 +151,12 @@ def distill(
         while state.step < run.total and state.epoch < config.epochs:
             _run_epoch(run, state)
         _save(run, state)
+    if state.step < run.total:
+        warnings.warn(
+            f"train_loader ran out after {state.step} of max_steps={run.total} optimiser steps, so the learning "
+            "rate did not decay to min_lr: give a max_steps the loader can feed, or more epochs",
+            stacklevel=2,
+        )
     student.eval()
     return state.history
 
@@ -210,10 +217,7 @@ def _setup(student, train_loader, teacher, eval_loader, output: Path | None, con
     # No requires_grad_(False) on the teacher: it runs under no_grad, and a caller's teacher keeps its flags
     # (a student deep-copied from it later would silently train its thresholds only).
     loader = _distributed_loader(train_loader, config.seed) if world > 1 else train_loader
-    steps_per_epoch = math.ceil(len(loader) / config.grad_accum_steps) if hasattr(loader, "__len__") else None
-    total = config.max_steps or (steps_per_epoch * config.epochs if steps_per_epoch else None)
-    if total is None:
-        raise ValueError("train_loader has no len(): give max_steps")
+    steps_per_epoch, total = _run_length(loader, config)
     optimizer = _optimizer(student, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine(config, total))
     model = _wrap_ddp(student) if world > 1 else student
@@ -221,21 +225,38 @@ def _setup(student, train_loader, teacher, eval_loader, output: Path | None, con
                 steps_per_epoch, total, output, rank, _Log(output, rank))
 
 
+def _run_length(loader: Iterable[Any], config: DistillConfig) -> tuple[int | None, int]:
+    """Optimiser steps per epoch (None for a loader without len()) and in the whole run: the cosine schedule
+    ends at min_lr on the last step actually taken."""
+    batches = _len_or_none(loader)
+    if batches is None:
+        if config.max_steps is None:
+            raise ValueError("train_loader has no len(): give max_steps")
+        return None, config.max_steps
+    per_epoch = math.ceil(batches / config.grad_accum_steps)  # the last group of an epoch may be partial
+    total = per_epoch * config.epochs
+    return per_epoch, min(total, config.max_steps or total)
+
+
+def _len_or_none(loader: Iterable[Any]) -> int | None:
+    try:
+        return len(loader)  # type: ignore[arg-type]
+    except TypeError:  # no __len__, or a DataLoader over an IterableDataset without one
+        return None
+
+
 def _run_epoch(run: _Run, state: TrainState) -> None:
     """One epoch from where `state` stands: its data order, the batches already done skipped, an optimiser
-    step every `grad_accum_steps` batches, step logs and periodic checkpoints, then the epoch's metrics."""
+    step every `grad_accum_steps` batches and one on the epoch's last partial group, step logs and periodic
+    checkpoints, then the epoch's metrics."""
     batches = _epoch_batches(run, state)
     bar = _progress(run.config, run.rank, run.steps_per_epoch, state)
     run.model.train()
     run.optimizer.zero_grad(set_to_none=True)
-    in_group = 0
-    for batch in batches:
-        _train_batch(run, state, batch)
-        in_group += 1
-        if in_group < run.config.grad_accum_steps:
-            continue
+    for group in _groups(batches, run.config.grad_accum_steps):
+        for batch in group:
+            _train_batch(run, state, batch, len(group))
         _optimizer_step(run, state, bar)
-        in_group = 0
         if state.step >= run.total:
             break
     if bar is not None:
@@ -260,8 +281,16 @@ def _epoch_batches(run: _Run, state: TrainState) -> Iterator[Any]:
     return batches
 
 
-def _train_batch(run: _Run, state: TrainState, batch: Any) -> None:
-    """Forward and backward of one batch; the gradient accumulates until the optimiser step."""
+def _groups(batches: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    """Consecutive lists of `size` batches, the last one possibly shorter. A group is read whole before its
+    first forward pass, so that each batch's loss can be divided by the group's true size."""
+    while group := list(itertools.islice(batches, size)):
+        yield group
+
+
+def _train_batch(run: _Run, state: TrainState, batch: Any, group_size: int) -> None:
+    """Forward and backward of one batch of a group of `group_size`; the gradients add up to the group's mean
+    until the optimiser step."""
     x, y, cached = split_batch(batch)
     x = x.to(run.device)
     y = None if y is None else y.to(run.device)
@@ -269,7 +298,7 @@ def _train_batch(run: _Run, state: TrainState, batch: Any) -> None:
         run.num_classes = _check_first_batch(run.student, run.teacher, x, run.pruner)
     if y is not None:
         _check_labels(y, run.num_classes)
-    metrics = _step(run.model, run.student, run.teacher, x, y, cached, run.config)
+    metrics = _step(run.model, run.student, run.teacher, x, y, cached, run.config, group_size)
     state.totals.add(metrics, len(x))
     state.batches_in_epoch += 1
 
@@ -320,7 +349,7 @@ def distillation_loss(
     return loss, {"ce": ce, "kd": kd, "flops_loss": flops_loss}
 
 
-def _step(model, student, teacher, x, y, cached, config: DistillConfig) -> dict[str, float]:
+def _step(model, student, teacher, x, y, cached, config: DistillConfig, group_size: int) -> dict[str, float]:
     autocast = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=config.amp == "bf16")
     if cached is not None:
         teacher_logits = cached.to(x.device)
@@ -331,7 +360,7 @@ def _step(model, student, teacher, x, y, cached, config: DistillConfig) -> dict[
         student_logits = logits_of(model(x))
     flops = budget_loss(student)
     loss, parts = distillation_loss(student_logits, teacher_logits, y, flops, config)
-    (loss / config.grad_accum_steps).backward()
+    (loss / group_size).backward()
     stats = last_stats(student)
     metrics = {"loss": loss.item(), **{k: v.item() for k, v in parts.items()}}
     metrics["flops_ratio"] = stats.flops_ratio
@@ -394,7 +423,7 @@ def _progress(config: DistillConfig, rank: int, steps_per_epoch: int | None, sta
         return None
     from tqdm.auto import tqdm
 
-    done = state.batches_in_epoch // config.grad_accum_steps
+    done = math.ceil(state.batches_in_epoch / config.grad_accum_steps)
     return tqdm(total=steps_per_epoch, initial=done, desc=f"epoch {state.epoch + 1}/{config.epochs}", unit="step")
 
 
