@@ -251,3 +251,28 @@ def test_max_steps_beyond_what_the_loader_feeds_still_ends_the_schedule_at_min_l
     assert _step_records(tmp_path)[-1]["lr"] == pytest.approx(1e-4, rel=1e-9)
     with pytest.warns(UserWarning, match="ran out after 3 of max_steps=10"):  # no len(): known only at the end
         _train(iter(labelled(3)), max_steps=10)
+
+
+# ---- empty loaders --------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "loader, options, match",
+    [
+        ([], {"max_steps": 5}, r"train_loader is empty \(len\(\) is 0\)"),
+        (DataLoader(dataset(0), batch_size=4), {}, r"train_loader is empty \(len\(\) is 0\)"),
+        (iter([]), {"max_steps": 5}, "train_loader is empty: it yielded no batch"),  # no len()
+    ],
+    ids=["list", "DataLoader", "iterator"],
+)
+def test_an_empty_loader_is_rejected_before_anything_changes(tmp_path, loader, options, match):
+    model = student().train()
+    weights, before = copy.deepcopy(model.state_dict()), flags(model)
+    with pytest.raises(ValueError, match=match):
+        ttp.distill(model, loader, output_dir=tmp_path / "run", progress=False, **options)
+    assert not (tmp_path / "run").exists()
+    assert flags(model) == before
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_one_shot_iterator_used_up_before_the_last_epoch_is_an_error():
+    with pytest.raises(ValueError, match="no batch in epoch 2 of 2: a generator or other one-shot iterator"):
+        ttp.distill(student(), iter(labelled(2)), max_steps=5, epochs=2, progress=False)

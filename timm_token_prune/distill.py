@@ -233,6 +233,8 @@ def _run_length(loader: Iterable[Any], config: DistillConfig) -> tuple[int | Non
         if config.max_steps is None:
             raise ValueError("train_loader has no len(): give max_steps")
         return None, config.max_steps
+    if batches == 0:
+        raise ValueError("train_loader is empty (len() is 0): distill needs at least one batch")
     per_epoch = math.ceil(batches / config.grad_accum_steps)  # the last group of an epoch may be partial
     total = per_epoch * config.epochs
     return per_epoch, min(total, config.max_steps or total)
@@ -274,6 +276,9 @@ def _epoch_batches(run: _Run, state: TrainState) -> Iterator[Any]:
         run.loader.sampler.set_epoch(state.epoch)
     batches = iter(run.loader)
     first = list(itertools.islice(batches, 1))  # a sampler draws its seed at the first batch: do it now
+    if not first:
+        torch.set_rng_state(resume_rng)
+        raise ValueError(_no_batch_message(state.epoch, run.config.epochs))
     batches = itertools.chain(first, batches)
     for _ in range(state.batches_in_epoch):  # resuming mid-epoch: skip what was done
         next(batches)
@@ -286,6 +291,15 @@ def _groups(batches: Iterator[Any], size: int) -> Iterator[list[Any]]:
     first forward pass, so that each batch's loss can be divided by the group's true size."""
     while group := list(itertools.islice(batches, size)):
         yield group
+
+
+def _no_batch_message(epoch: int, epochs: int) -> str:
+    if epoch == 0:
+        return "train_loader is empty: it yielded no batch; distill needs at least one"
+    return (
+        f"train_loader yielded no batch in epoch {epoch + 1} of {epochs}: a generator or other one-shot "
+        "iterator is used up after one epoch; pass a list or a DataLoader, or epochs=1"
+    )
 
 
 def _train_batch(run: _Run, state: TrainState, batch: Any, group_size: int) -> None:
@@ -428,13 +442,14 @@ def _progress(config: DistillConfig, rank: int, steps_per_epoch: int | None, sta
 
 
 class _Log:
+    """metrics.jsonl in the output folder, written by rank 0; the folder is made at the first record."""
+
     def __init__(self, output: Path | None, rank: int) -> None:
         self.path = output / "metrics.jsonl" if output is not None and rank == 0 else None
-        if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, record: dict[str, Any]) -> None:
         if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
 
