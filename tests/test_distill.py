@@ -5,6 +5,9 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -276,3 +279,148 @@ def test_an_empty_loader_is_rejected_before_anything_changes(tmp_path, loader, o
 def test_a_one_shot_iterator_used_up_before_the_last_epoch_is_an_error():
     with pytest.raises(ValueError, match="no batch in epoch 2 of 2: a generator or other one-shot iterator"):
         ttp.distill(student(), iter(labelled(2)), max_steps=5, epochs=2, progress=False)
+
+
+# ---- output folders and resuming ------------------------------------------------------------------
+RUN = {"epochs": 2, "lr": 1e-3, "checkpoint_every": 2, "progress": False, "seed": 3}  # 5 batches an epoch
+
+
+def _run(loader, out, resume=False) -> tuple[torch.nn.Module, list[dict]]:
+    torch.manual_seed(0)
+    model = student(proj_drop_rate=0.2)
+    history = ttp.distill(model, loader, teacher=make_model("vit"), output_dir=out, resume=resume, **RUN)
+    return model, history
+
+
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory):
+    """An uninterrupted run's weights and history, and the folder of the same run killed at batch 8 of 10
+    (checkpoints 2, 4 and 6, `latest` naming checkpoint-6)."""
+    root = tmp_path_factory.mktemp("killed")
+    data = dataset(40)
+    model, history = _run(DataLoader(data, batch_size=8, shuffle=True), root / "reference")
+    with pytest.raises(_Killed):
+        _run(_KillingLoader(data, batch_size=8, shuffle=True, after=7), root / "run")
+    return model.state_dict(), history, root / "run"
+
+
+def _copy_of_killed_run(killed, tmp_path) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(killed[2], out)
+    return out
+
+
+def _resume(out) -> tuple[torch.nn.Module, list[dict]]:
+    return _run(DataLoader(dataset(40), batch_size=8, shuffle=True), out, resume=True)
+
+
+def _same_weights(expected: dict, model: torch.nn.Module) -> bool:
+    got = model.state_dict()
+    return expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def _files(folder: Path) -> dict[str, tuple[int, int, bytes]]:
+    """Every file under `folder` with its inode, mtime and bytes: a rewrite shows even with equal bytes."""
+    return {
+        str(p.relative_to(folder)): (p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes())
+        for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+@pytest.mark.parametrize("existing", ["a killed run", "metrics only"])
+def test_a_new_run_refuses_an_output_dir_that_holds_a_run(killed, tmp_path, existing):
+    if existing == "a killed run":
+        out = _copy_of_killed_run(killed, tmp_path)
+    else:
+        out = tmp_path / "run"
+        out.mkdir()
+        (out / "metrics.jsonl").write_text('{"kind": "step", "step": 1}\n')
+    before = _files(out)
+    model = student()
+    weights = copy.deepcopy(model.state_dict())
+    with pytest.raises(FileExistsError, match=r"already holds a distill run .*pass resume=True .* new or empty"):
+        ttp.distill(model, labelled(2), output_dir=out, progress=False)
+    assert _files(out) == before
+    assert _same_weights(weights, model)
+
+
+def test_a_new_run_may_use_an_existing_empty_output_dir(tmp_path):
+    (tmp_path / "run").mkdir()
+    ttp.distill(student(), labelled(2), output_dir=tmp_path / "run", progress=False)
+    assert (tmp_path / "run" / "latest").read_text() == "checkpoint-2"
+
+
+def test_resume_without_latest_continues_from_the_newest_checkpoint_without_rewriting_older_ones(killed, tmp_path):
+    out = _copy_of_killed_run(killed, tmp_path)
+    (out / "latest").unlink()
+    older = {k: v for k, v in _files(out).items() if k.startswith(("checkpoint-2/", "checkpoint-4/", "checkpoint-6/"))}
+    model, _ = _resume(out)
+    assert _same_weights(killed[0], model)
+    assert {k: v for k, v in _files(out).items() if k in older} == older
+    assert (out / "latest").read_text() == "checkpoint-10"
+
+
+@pytest.mark.parametrize("folder", ["missing", "empty", "metrics only"])
+def test_resume_without_a_checkpoint_to_continue_from_is_an_error(tmp_path, folder):
+    out = tmp_path / "runs" / "typo"
+    if folder != "missing":
+        out.mkdir(parents=True)
+    if folder == "metrics only":
+        (out / "metrics.jsonl").write_text('{"kind": "step", "step": 1}\n')
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    model = student()
+    weights = copy.deepcopy(model.state_dict())
+    with pytest.raises(FileNotFoundError, match=f"resume=True, but .*{re.escape(str(out))}"):
+        ttp.distill(model, labelled(2), output_dir=out, resume=True, progress=False)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+    assert _same_weights(weights, model)
+
+
+def _damage(folder: Path, how: str) -> None:
+    tensors, meta = folder / "state.safetensors", folder / "state.json"
+    if how == "truncated safetensors":
+        tensors.write_bytes(tensors.read_bytes()[: tensors.stat().st_size // 2])
+    elif how == "no safetensors":
+        tensors.unlink()
+    elif how == "bad JSON":
+        meta.write_text(meta.read_text()[:-20])
+    elif how == "no scheduler in JSON":  # the weights read fine: they must not be applied either
+        meta.write_text(json.dumps({k: v for k, v in json.loads(meta.read_text()).items() if k != "scheduler"}))
+
+
+DAMAGES = ["truncated safetensors", "no safetensors", "bad JSON", "no scheduler in JSON"]
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+def test_resume_skips_a_damaged_checkpoint_for_the_newest_intact_one(killed, tmp_path, how):
+    out = _copy_of_killed_run(killed, tmp_path)
+    _damage(out / "checkpoint-6", how)
+    with pytest.warns(UserWarning, match="skipping a damaged checkpoint: .*checkpoint-6"):
+        model, _ = _resume(out)
+    assert _same_weights(killed[0], model)  # exact resume from checkpoint-4
+    assert (out / "latest").read_text() == "checkpoint-10"
+
+
+@pytest.mark.parametrize("latest", ["../../etc", "/etc", "checkpoint-6/..", "checkpoint-x"])
+def test_latest_naming_anything_but_a_checkpoint_folder_in_output_dir_is_ignored(killed, tmp_path, latest):
+    out = _copy_of_killed_run(killed, tmp_path)
+    (out / "latest").write_text(latest)
+    with pytest.warns(UserWarning, match="ignoring .*latest: .* is not a checkpoint-<step> folder in"):
+        model, _ = _resume(out)
+    assert _same_weights(killed[0], model)
+
+
+def test_no_intact_checkpoint_is_a_checkpoint_error_and_changes_nothing(killed, tmp_path):
+    out = _copy_of_killed_run(killed, tmp_path)
+    for step, how in zip((2, 4, 6), ("no scheduler in JSON", "truncated safetensors", "no scheduler in JSON")):
+        _damage(out / f"checkpoint-{step}", how)
+    before = _files(out)
+    torch.manual_seed(0)
+    model = student(proj_drop_rate=0.2)
+    weights = copy.deepcopy(model.state_dict())
+    match = f"no intact checkpoint to resume from in {re.escape(str(out))}: .*scheduler"
+    with pytest.warns(UserWarning), pytest.raises(ttp.CheckpointError, match=match):
+        ttp.distill(model, labelled(2), output_dir=out, resume=True, progress=False)
+    assert _same_weights(weights, model)
+    assert _files(out) == before
+

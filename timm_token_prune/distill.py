@@ -134,17 +134,12 @@ def distill(
     """
     config = dataclasses.replace(config, **options) if config else DistillConfig(**options)
     output = Path(output_dir) if output_dir is not None else None
-    if resume and output is None:
-        raise ValueError("resume=True needs output_dir")
+    _check_output_dir(output, resume)
     _check_teacher(student, teacher)
     run = _setup(student, train_loader, teacher, eval_loader, output, config)
-    torch.manual_seed(config.seed + run.rank)
-    random.seed(config.seed + run.rank)
-    state = TrainState()
-    if resume:
-        checkpoint = checkpoints.load_latest(output)
-        if checkpoint is not None:
-            state = checkpoint.apply(student, run.optimizer, run.scheduler)
+    state = _start(run, resume)
+    if run.world > 1:
+        run.model = _wrap_ddp(student)  # after _start: every rank begins with rank 0's weights as they are now
     # Train/eval flags come back as they were, also on error: the teacher may be the caller's own model.
     with _modes_kept(run.teacher), _modes_kept(student):
         run.teacher.eval()
@@ -159,6 +154,24 @@ def distill(
         )
     student.eval()
     return state.history
+
+
+def _check_output_dir(output: Path | None, resume: bool) -> None:
+    """A new run needs a folder without a run in it: continuing one is resume=True's job (which then needs a
+    checkpoint there: see checkpoints.load_newest)."""
+    if output is None:
+        if resume:
+            raise ValueError("resume=True needs output_dir: the folder of the run to continue")
+        return
+    if output.exists() and not output.is_dir():
+        raise NotADirectoryError(f"output_dir {output} is a file: give a folder (new, empty, or a run to resume)")
+    found = checkpoints.run_files(output)
+    if found and not resume:
+        shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
+        raise FileExistsError(
+            f"output_dir {output} already holds a distill run ({shown}): pass resume=True to continue it, or a "
+            "new or empty output_dir (a new run there would mix its checkpoints and metrics with the old ones)"
+        )
 
 
 def _check_teacher(student: nn.Module, teacher: nn.Module | None) -> None:
@@ -189,7 +202,7 @@ class _Run:
     """What the epochs of one `distill` call share."""
 
     student: nn.Module
-    model: nn.Module  # the student, or its DistributedDataParallel wrapper
+    model: nn.Module  # what the forward pass calls: the student, or its DistributedDataParallel wrapper
     teacher: nn.Module
     pruner: TokenPruner
     loader: Iterable[Any]
@@ -201,6 +214,7 @@ class _Run:
     total: int  # optimiser steps of the whole run
     output: Path | None
     rank: int
+    world: int
     log: _Log
     num_classes: int | None = None  # known once the first batch has been checked
 
@@ -220,9 +234,21 @@ def _setup(student, train_loader, teacher, eval_loader, output: Path | None, con
     steps_per_epoch, total = _run_length(loader, config)
     optimizer = _optimizer(student, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine(config, total))
-    model = _wrap_ddp(student) if world > 1 else student
-    return _Run(student, model, teacher, pruner, loader, eval_loader, optimizer, scheduler, config,
-                steps_per_epoch, total, output, rank, _Log(output, rank))
+    return _Run(student, student, teacher, pruner, loader, eval_loader, optimizer, scheduler, config,
+                steps_per_epoch, total, output, rank, world, _Log(output, rank))
+
+
+def _start(run: _Run, resume: bool) -> TrainState:
+    """Seed the run, then continue from the newest intact checkpoint (resume) or start at step 0."""
+    # read and checked whole before anything is applied: a damaged checkpoint changes nothing
+    checkpoint = checkpoints.load_newest(run.output, run.student, run.optimizer) if resume else None
+    torch.manual_seed(run.config.seed + run.rank)
+    random.seed(run.config.seed + run.rank)
+    if checkpoint is not None:
+        return checkpoint.apply(run.student, run.optimizer, run.scheduler)
+    # A fresh start: one-time preparation of the student (e.g. calibrating thresholds never calibrated)
+    # belongs here, after the checks and before the first step; a resumed run gets it from its checkpoint.
+    return TrainState()
 
 
 def _run_length(loader: Iterable[Any], config: DistillConfig) -> tuple[int | None, int]:
@@ -280,9 +306,13 @@ def _epoch_batches(run: _Run, state: TrainState) -> Iterator[Any]:
         torch.set_rng_state(resume_rng)
         raise ValueError(_no_batch_message(state.epoch, run.config.epochs))
     batches = itertools.chain(first, batches)
-    for _ in range(state.batches_in_epoch):  # resuming mid-epoch: skip what was done
-        next(batches)
+    skipped = sum(1 for _ in itertools.islice(batches, state.batches_in_epoch))  # resuming mid-epoch
     torch.set_rng_state(resume_rng)
+    if skipped < state.batches_in_epoch:
+        raise ValueError(
+            f"train_loader yields {skipped} batches in epoch {state.epoch + 1}, but the checkpoint had trained on "
+            f"{state.batches_in_epoch} of them: resume with the loader the run started with"
+        )
     return batches
 
 
