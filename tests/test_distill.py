@@ -424,3 +424,24 @@ def test_no_intact_checkpoint_is_a_checkpoint_error_and_changes_nothing(killed, 
     assert _same_weights(weights, model)
     assert _files(out) == before
 
+
+
+def test_a_resumed_run_reports_the_metrics_of_an_uninterrupted_one(killed, tmp_path):
+    out = _copy_of_killed_run(killed, tmp_path)
+    _, history = _resume(out)
+    assert history == killed[1]
+    last_epoch = [line for line in (out / "metrics.jsonl").read_text().splitlines() if '"kind": "epoch"' in line][-1]
+    assert json.loads(last_epoch) == killed[1][-1]
+
+
+def test_checkpoints_in_the_first_format_still_resume(killed, tmp_path, recwarn):
+    """Written by timm-token-prune 0.1.0: no format field, no running totals."""
+    out = _copy_of_killed_run(killed, tmp_path)
+    first = ("step", "epoch", "batches_in_epoch", "history", "optimizer", "scheduler", "rng_python", "config")
+    for meta_file in out.glob("checkpoint-*/state.json"):
+        meta = json.loads(meta_file.read_text())
+        meta_file.write_text(json.dumps({k: meta[k] for k in first}))
+    model, history = _resume(out)
+    assert not [w for w in recwarn if "checkpoint" in str(w.message)]  # checkpoint-6 itself was used
+    assert _same_weights(killed[0], model)
+    assert history[0] == killed[1][0] and history[1]["step"] == 10

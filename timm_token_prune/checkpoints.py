@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError
-from .training import TrainState
+from .training import RunningTotals, TrainState
 
 LATEST = "latest"
 METRICS = "metrics.jsonl"
@@ -83,6 +83,7 @@ def _serialise(model, optimizer, scheduler, state: TrainState, config) -> tuple[
         "epoch": state.epoch,
         "batches_in_epoch": state.batches_in_epoch,
         "history": state.history,
+        "totals": {"sums": state.totals.sums, "count": state.totals.count},  # the epoch so far (format 2)
         "optimizer": {"param_groups": opt_state["param_groups"], "state": meta_state},
         "scheduler": scheduler.state_dict(),
         "rng_python": _jsonable(random.getstate()),
@@ -216,7 +217,7 @@ def _checked(folder: Path, tensors: dict[str, torch.Tensor], meta: Any, model: n
         raise ValueError("scheduler state without last_epoch")
     state = TrainState(
         step=_count(meta, "step"), epoch=_count(meta, "epoch"), batches_in_epoch=_count(meta, "batches_in_epoch"),
-        history=_history(meta["history"]), epoch_rng=tensors.get("rng.epoch"),
+        history=_history(meta["history"]), epoch_rng=tensors.get("rng.epoch"), totals=_totals(meta.get("totals")),
     )
     return Checkpoint(folder, weights, opt_state, meta["scheduler"], state, tensors["rng.torch"], rng_python)
 
@@ -266,6 +267,19 @@ def _history(value: Any) -> list[dict[str, Any]]:
     if not isinstance(value, list) or not all(isinstance(record, dict) for record in value):
         raise ValueError("history is not a list of metrics dicts")
     return value
+
+
+def _totals(value: Any) -> RunningTotals:
+    """The running totals of the interrupted epoch; a format-1 checkpoint has none (its epoch's metrics then
+    cover only the batches after the resume)."""
+    if value is None:
+        return RunningTotals()
+    sums, count = value["sums"], value["count"]
+    if not isinstance(sums, dict) or not all(isinstance(v, (int, float)) for v in sums.values()):
+        raise ValueError("totals.sums is not a dict of numbers")
+    if not isinstance(count, int) or count < 0:
+        raise ValueError(f"totals.count is {count!r}, not a count")
+    return RunningTotals(dict(sums), count)
 
 
 def _describe(error: Exception) -> str:
