@@ -123,14 +123,22 @@ def distill(
     config: DistillConfig | None = None,
     **options: Any,
 ) -> list[dict[str, Any]]:
-    """Fine-tune a patched `student` against a frozen dense `teacher` (default: a dense copy of the student
-    as it is now) and its FLOPs budget. Returns one metrics dict per epoch. Batches may carry the
-    teacher's logits (a third tuple element or 'teacher_logits'), which then replace its forward pass.
+    """Fine-tune a patched `student` against a dense `teacher` and its FLOPs budget. Returns one metrics dict
+    per epoch; the student is left in eval mode.
 
-    `options` are `DistillConfig` fields. With `output_dir`, metrics go to `metrics.jsonl` and checkpoints
-    (every `checkpoint_every` steps and at the end) to `checkpoint-<step>/`; `resume=True` continues from
-    the latest one exactly (step, optimiser, scheduler, data order, RNG). Under `torchrun`, the student is
-    wrapped in DistributedDataParallel and the loader given a DistributedSampler; rank 0 writes.
+    `teacher` (default: a dense copy of the student as it is now) runs in eval mode without gradients and is
+    left as it was, train/eval and requires_grad flags included; it must not share parameters with the student.
+    Batches may carry the teacher's logits (a third tuple element or 'teacher_logits'), which then replace its
+    forward pass. `options` are `DistillConfig` fields; with `grad_accum_steps=k` each optimiser step takes the
+    mean gradient of k batches, and an epoch's last, smaller group takes a step too.
+
+    With `output_dir`, metrics go to `metrics.jsonl` and checkpoints (every `checkpoint_every` steps and at the
+    end) to `checkpoint-<step>/`. A new run needs an output_dir without a run in it (FileExistsError
+    otherwise). `resume=True` continues the run there from its newest intact checkpoint, exactly (step,
+    optimiser, scheduler, data order, RNG, the interrupted epoch's running metrics): damaged checkpoints are
+    skipped with a warning; FileNotFoundError if the folder or any checkpoint is missing, CheckpointError if
+    none is intact. Under `torchrun`, the student is wrapped in DistributedDataParallel and the loader given a
+    DistributedSampler; rank 0 writes.
     """
     config = dataclasses.replace(config, **options) if config else DistillConfig(**options)
     output = Path(output_dir) if output_dir is not None else None
