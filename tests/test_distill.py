@@ -401,11 +401,15 @@ def test_resume_skips_a_damaged_checkpoint_for_the_newest_intact_one(killed, tmp
     assert (out / "latest").read_text() == "checkpoint-10"
 
 
-@pytest.mark.parametrize("latest", ["../../etc", "/etc", "checkpoint-6/..", "checkpoint-x"])
-def test_latest_naming_anything_but_a_checkpoint_folder_in_output_dir_is_ignored(killed, tmp_path, latest):
+@pytest.mark.parametrize("latest", ["../../etc", "/etc", "checkpoint-6/..", "checkpoint-x", "checkpoint-4"])
+def test_latest_is_only_a_hint_and_never_read_outside_output_dir(killed, tmp_path, latest):
     out = _copy_of_killed_run(killed, tmp_path)
     (out / "latest").write_text(latest)
-    with pytest.warns(UserWarning, match="ignoring .*latest: .* is not a checkpoint-<step> folder in"):
+    if latest == "checkpoint-4":  # killed between renaming checkpoint-6 into place and updating latest
+        match = "latest names checkpoint-4, but checkpoint-6 is newer and intact"
+    else:
+        match = "ignoring .*latest: .* is not a checkpoint-<step> folder in"
+    with pytest.warns(UserWarning, match=match):
         model, _ = _resume(out)
     assert _same_weights(killed[0], model)
 

@@ -19,7 +19,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -27,10 +27,14 @@ from torch import nn
 from .errors import CheckpointError
 from .training import RunningTotals, TrainState
 
+if TYPE_CHECKING:
+    from .distill import DistillConfig
+
 LATEST = "latest"
 METRICS = "metrics.jsonl"
 FORMAT = 2  # 1: no "format" field (timm-token-prune 0.1.0)
 _NAME = re.compile(r"checkpoint-(\d+)")
+_USER = 4  # warnings point at the caller of distill: load_newest <- _start <- distill <- caller
 _REQUIRED = ("step", "epoch", "batches_in_epoch", "history", "optimizer", "scheduler", "rng_python")
 
 
@@ -42,7 +46,7 @@ def run_files(output: Path) -> list[str]:
 
 
 def save(output: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, state: TrainState,
-         config: Any) -> Path:
+         config: DistillConfig) -> Path:
     """Write `checkpoint-<step>/` (replacing one of the same step) and point `latest` at it. Returns the folder."""
     from safetensors.torch import save_file
 
@@ -63,7 +67,8 @@ def save(output: Path, model: nn.Module, optimizer: torch.optim.Optimizer, sched
     return final
 
 
-def _serialise(model, optimizer, scheduler, state: TrainState, config) -> tuple[dict[str, torch.Tensor], dict]:
+def _serialise(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, state: TrainState,
+               config: DistillConfig) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
     opt_state = optimizer.state_dict()
     meta_state = {}
@@ -156,12 +161,12 @@ def load_newest(output: Path, model: nn.Module, optimizer: torch.optim.Optimizer
         try:
             checkpoint = read(folder, model, optimizer)
         except CheckpointError as error:
-            warnings.warn(f"skipping a damaged checkpoint: {error}", stacklevel=3)
+            warnings.warn(f"skipping a damaged checkpoint: {error}", stacklevel=_USER)
             problems.append(str(error))
             continue
         if latest is not None and _step_of(latest) < _step_of(folder.name):  # killed between the two renames
             warnings.warn(f"{output / LATEST} names {latest}, but {folder.name} is newer and intact: resuming from "
-                          f"{folder.name}", stacklevel=3)
+                          f"{folder.name}", stacklevel=_USER)
         return checkpoint
     raise CheckpointError(f"no intact checkpoint to resume from in {output}: " + "; ".join(problems))
 
@@ -175,11 +180,11 @@ def _latest(output: Path) -> str | None:
     try:
         name = pointer.read_text().strip()
     except (OSError, UnicodeDecodeError) as error:
-        warnings.warn(f"ignoring {pointer}: it cannot be read ({error})", stacklevel=4)
+        warnings.warn(f"ignoring {pointer}: it cannot be read ({error})", stacklevel=_USER + 1)
         return None
     if not _NAME.fullmatch(name) or not (output / name).is_dir():
         warnings.warn(f"ignoring {pointer}: {name[:80]!r} is not a checkpoint-<step> folder in {output}",
-                      stacklevel=4)
+                      stacklevel=_USER + 1)
         return None
     return name
 
