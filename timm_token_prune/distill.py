@@ -483,7 +483,7 @@ class _Log:
     """metrics.jsonl in the output folder, written by rank 0; the folder is made at the first record."""
 
     def __init__(self, output: Path | None, rank: int) -> None:
-        self.path = output / "metrics.jsonl" if output is not None and rank == 0 else None
+        self.path = output / checkpoints.METRICS if output is not None and rank == 0 else None
 
     def write(self, record: dict[str, Any]) -> None:
         if self.path is not None:
