@@ -64,6 +64,54 @@ def reference_keep(probs: torch.Tensor, head_norms: torch.Tensor, class_token: b
     return keep
 
 
+def reference_prune(
+    t, rep, probs, head_norms, *, class_token: bool, threshold: float, prefix: int, merge: bool,
+    policy: str = "mass", novelty: bool = True, patches: int | None = None,
+):
+    """One pruning point of the slow loops, for one image, written without the library's size bias.
+
+    A merged token of size s is kept as s identical rows (`rep[row]`: the original position of the token
+    the row stands for), so the unpatched blocks, attention and pooling see it s-fold, exactly what the
+    library's log-size key bias computes. Group scores add up over their rows; with `novelty` a group's
+    score is scaled by 1 - its highest cosine similarity (>= 0) to a patch group scoring higher. The
+    policy's statistic: the score times `patches` ('threshold'), or the share of the score mass held by the
+    group and all that rank below it ('mass'). Kept: prefix, statistic > threshold, and the best patch.
+    Merging replaces a kept group and the groups merged into it (each into the kept patch whose row is most
+    similar, cosine) by their mean; without merging, pruned rows are removed. Returns (t, rep)."""
+    received = probs[:, :, 0, :] if class_token else probs.mean(dim=2)  # every row counts: size-weighted
+    per_row = ((head_norms / (head_norms.sum(1, keepdim=True) + 1e-8)) * received).sum(1)[0]
+    groups = sorted(set(rep.tolist()))
+    row = {g: int((rep == g).nonzero()[0]) for g in groups}
+    unit = torch.nn.functional.normalize(t[0], dim=-1)
+    cos = {(a, b): float(unit[row[a]] @ unit[row[b]]) for a in groups for b in groups}
+    score = {g: float(per_row[rep == g].sum()) for g in groups}
+    patch_groups = [g for g in groups if g >= prefix]
+    if novelty:
+        score = {
+            g: score[g] * (1 - max([0.0] + [cos[g, h] for h in patch_groups if score[h] > score[g]])) for g in groups
+        }
+    if policy == "threshold":
+        stat = {g: score[g] * patches for g in groups}
+    else:  # mass: ties ranked by position, like a stable sort
+        total = sum(max(score[g], 0.0) for g in patch_groups)
+        rank = sorted(patch_groups, key=lambda g: (-score[g], g))
+        stat = {g: sum(max(score[h], 0.0) for h in rank[rank.index(g):]) / total for g in patch_groups}
+    best = max(patch_groups, key=lambda g: (stat[g], -g))
+    keep = {g for g in groups if g < prefix or stat[g] > threshold} | {best}
+    if not merge:
+        rows = torch.tensor([int(r) in keep for r in rep])
+        return t[:, rows], rep[rows]
+    t, rep = t.clone(), rep.clone()
+    kept_patches = [g for g in patch_groups if g in keep]
+    for dropped in (g for g in patch_groups if g not in keep):
+        destination = max(kept_patches, key=lambda k: cos[dropped, k])
+        rep[rep == dropped] = destination
+    for k in kept_patches:
+        rows = rep == k
+        t[0, rows] = t[0, rows].mean(dim=0)
+    return t, rep
+
+
 @pytest.fixture(params=sorted(TIMM_CASES))
 def case(request) -> str:
     return request.param

@@ -145,7 +145,7 @@ def test_weights_shared_and_thresholds_train():
     pointers = {k: v.data_ptr() for k, v in model.state_dict().items()}
     ttp.patch_model(model, budget=0.5, prune_locations=LOCATIONS)
     state = model.state_dict()
-    assert set(state) - set(pointers) == {"token_pruner.thresholds"}
+    assert set(state) - set(pointers) == {"token_pruner.thresholds", "token_pruner.keep_ratios", "token_pruner.static"}
     assert all(state[k].data_ptr() == p for k, p in pointers.items())
     ttp.calibrate(model, [images(16)])
     model.train()

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import LOCATIONS, images, make_model, reference_keep
+from conftest import LOCATIONS, images, make_model, reference_prune
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 import timm_token_prune as ttp
@@ -56,7 +56,8 @@ def test_weights_shared_and_only_thresholds_added():
     pointers = {k: v.data_ptr() for k, v in model.state_dict().items()}
     ttp.patch_model(model, budget=0.6, prune_locations=LOCATIONS)
     state = model.state_dict()
-    assert set(state) - set(pointers) == {"token_pruner.thresholds"}
+    assert set(state) - set(pointers) == {"token_pruner.thresholds", "token_pruner.keep_ratios", "token_pruner.static"}
+    assert [name for name, _ in model.named_parameters() if name.startswith("token_pruner")] == ["token_pruner.thresholds"]
     assert all(state[k].data_ptr() == p for k, p in pointers.items())
     assert state["token_pruner.thresholds"].shape == (len(LOCATIONS),)
 
@@ -89,11 +90,14 @@ def test_batch_invariance(case):
     assert (batched - singles).abs().max().item() <= 1e-4
 
 
-def _slow_reference(model: torch.nn.Module, x: torch.Tensor, thresholds: list[float], locations) -> torch.Tensor:
+def _slow_reference(model, x: torch.Tensor, thresholds: list[float], locations, **options) -> torch.Tensor:
     """One image through the *unpatched* model block by block, with the AS-ViT score computed from the
-    full attention matrix, dropping tokens with S <= theta (the best patch always stays)."""
+    full attention matrix; tokens with S <= theta (the best patch always stays) are dropped or merged
+    (see conftest.reference_prune)."""
     prefix = model.num_prefix_tokens
     t = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+    rep = torch.arange(t.shape[1])
+    options["patches"] = t.shape[1] - prefix
     for index, block in enumerate(model.blocks):
         stage = locations.index(index + 1) if index + 1 in locations else None
         if stage is not None:
@@ -104,15 +108,33 @@ def _slow_reference(model: torch.nn.Module, x: torch.Tensor, thresholds: list[fl
             q, k = attn.q_norm(q), attn.k_norm(k)
             probs = ((q @ k.transpose(-2, -1)) * attn.scale).softmax(-1)  # B, H, N, N
             norms = (probs @ v).norm(dim=-1)  # B, H, N
-            keep = reference_keep(probs, norms, model.cls_token is not None, thresholds[stage], prefix)
         t = block(t)
         if stage is not None:
-            t = t[:, keep]
+            t, rep = reference_prune(
+                t, rep, probs, norms, class_token=model.cls_token is not None, threshold=thresholds[stage],
+                prefix=prefix, **options,
+            )
     return model.forward_head(model.norm(t))
 
 
-def test_matches_slow_reference_loop(case):
-    model = patched(case, budget=0.5)
+# the defaults, the paper's method (raw-score thresholds, dropping), and each change alone
+VARIANTS = {
+    "default": dict(),
+    "paper": dict(keep_policy="threshold", novelty=False, pruned_tokens="drop"),
+    "threshold": dict(keep_policy="threshold"),
+    "no_novelty": dict(novelty=False),
+    "drop": dict(pruned_tokens="drop"),
+}
+
+
+def _reference_options(options: dict) -> dict:
+    config = ttp.PruneConfig(**options)
+    return dict(policy=config.keep_policy, novelty=config.novelty, merge=config.pruned_tokens == "merge")
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_matches_slow_reference_loop(case, variant):
+    model = patched(case, budget=0.5, **VARIANTS[variant])
     reference = copy.deepcopy(model)
     ttp.unpatch_model(reference)
     thresholds = ttp.get_pruner(model).thresholds.tolist()
@@ -121,7 +143,7 @@ def test_matches_slow_reference_loop(case):
         for i in range(len(x)):
             got = model(x[i : i + 1])
             assert ttp.last_stats(model).kept_mean[-1] < ttp.last_stats(model).tokens
-            expected = _slow_reference(reference, x[i : i + 1], thresholds, LOCATIONS)
+            expected = _slow_reference(reference, x[i : i + 1], thresholds, LOCATIONS, **_reference_options(VARIANTS[variant]))
             assert (got - expected).abs().max().item() <= 1e-4
 
 
@@ -155,15 +177,17 @@ def test_gradients_reach_thresholds():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
-def test_threshold_steps_lower_budget_loss():
-    model = patched("vit", budget=0.5)
+@pytest.mark.parametrize("policy", ["mass", "threshold"])
+def test_threshold_steps_lower_budget_loss(policy):
+    model = patched("vit", budget=0.5, keep_policy=policy)
     pruner = ttp.get_pruner(model)
     pruner.config.budget = 0.75  # the thresholds must move to meet a new budget
     model.train()
     x = images(16, seed=6)
-    optimizer = torch.optim.Adam([pruner.thresholds], lr=3e-3)
+    # steps of 5% of the thresholds' size: each policy's statistic has its own scale
+    optimizer = torch.optim.Adam([pruner.thresholds], lr=0.05 * pruner.thresholds.abs().mean().item())
     losses = []
-    for _ in range(8):
+    for _ in range(12):
         model(x)
         loss = ttp.budget_loss(model)
         losses.append(loss.item())

@@ -96,8 +96,8 @@ def calibrate(
         target = budget
         for _ in range(max_rounds):
             rho = solve_keep_ratio(pruner.flops, min(target, 1.0), tokens, patches, prefix, config.min_keep)
-            if config.keep_policy == "topk":
-                config.keep_ratios = (rho,) * stages
+            if pruner.fixed_counts:
+                pruner.set_counts((rho,) * stages, static=bool(pruner._static))
             else:
                 _fit_thresholds(model, pruner, images, rho, budget)
             stats = measure(model, pruner, images)

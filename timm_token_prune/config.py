@@ -9,9 +9,10 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: pruned_tokens, novelty, 'mass', scale-free thresholds (1: raw scores, dropped)
 SCORES = ("head_norm", "mean")
-KEEP_POLICIES = ("threshold", "topk")
+KEEP_POLICIES = ("mass", "threshold", "topk")
+PRUNED_TOKENS = ("merge", "drop")
 # The paper's threshold initialisation, for 196 patch tokens (224 px, patch 16).
 REFERENCE_THRESHOLDS = (0.001, 0.002, 0.003)
 REFERENCE_NUM_PATCHES = 196
@@ -40,27 +41,51 @@ class PruneConfig:
         },
     )
     keep_policy: str = field(
-        default="threshold",
+        default="mass",
         metadata={
-            "help": "'threshold': per-image adaptive counts from learnable thresholds (AS-ViT); "
-            "'topk': a fixed fraction `keep_ratios` of the patch tokens per stage (EViT-style, static shapes)."
+            "help": "'mass': each image keeps its best patches until they hold all but a learnable share "
+            "(the stage's threshold) of its score mass, so flat score maps keep more tokens than peaked ones; "
+            "'threshold': patches whose score times the number of patches exceeds a learnable threshold "
+            "(AS-ViT; scale-free across image sizes); 'topk': a fixed fraction `keep_ratios` of the patches "
+            "per stage (EViT-style, static shapes)."
         },
     )
     temperature: float = field(
-        default=1e-4, metadata={"help": "Temperature T of the training soft mask sigmoid((S - theta) / T)."}
+        default=0.01,
+        metadata={
+            "help": "Temperature T of the training soft mask sigmoid((s - theta) / T), on the scale of the "
+            "policy's statistic s (a share of the mass, or a score times the number of patches: the paper's "
+            "1e-4 on raw scores at 196 patches is about 0.02)."
+        },
     )
     threshold_init: tuple[float, ...] | None = field(
         default=None,
         metadata={
-            "help": "Initial threshold per stage. None: the paper's (0.001, 0.002, 0.003) scaled by "
-            "196 / num_patches (scores shrink as 1 / tokens); all -1 (keep everything) when budget is 1.0."
+            "help": "Initial threshold per stage (`calibrate` and `distill` replace it). None: 'mass' "
+            "(0.05, 0.1, 0.15); 'threshold' the paper's (0.001, 0.002, 0.003) at 196 patches, i.e. (0.196, "
+            "0.392, 0.588); all -1 (keep everything) when budget is 1.0."
         },
     )
     keep_ratios: tuple[float, ...] | None = field(
         default=None,
         metadata={
             "help": "For keep_policy='topk': fraction of the surviving patch tokens kept at each stage. "
-            "None: set by `calibrate` (or solved from the FLOPs model at patch time)."
+            "None: solved from the FLOPs model at patch time, and set by `calibrate`."
+        },
+    )
+    pruned_tokens: str = field(
+        default="merge",
+        metadata={
+            "help": "What becomes of a pruned token: 'merge' folds it into the kept patch token whose key is most "
+            "similar (size-weighted mean; later attentions count a merged token once per token it holds); "
+            "'drop' removes it (the AS-ViT paper)."
+        },
+    )
+    novelty: bool = field(
+        default=True,
+        metadata={
+            "help": "Weigh each token's score by its novelty, 1 - its highest cosine similarity to a patch token "
+            "that scores higher: near copies of better tokens go first (with merging they lose little)."
         },
     )
     min_keep: int = field(default=1, metadata={"help": "Patch tokens always kept per image (highest scores)."})
@@ -84,6 +109,8 @@ class PruneConfig:
             self.prune_locations = locations
         if self.score not in SCORES:
             raise ValueError(f"score must be one of {SCORES}, got {self.score!r}")
+        if self.pruned_tokens not in PRUNED_TOKENS:
+            raise ValueError(f"pruned_tokens must be one of {PRUNED_TOKENS}, got {self.pruned_tokens!r}")
         if self.keep_policy not in KEEP_POLICIES:
             raise ValueError(f"keep_policy must be one of {KEEP_POLICIES}, got {self.keep_policy!r}")
         if not self.temperature > 0:
@@ -110,6 +137,7 @@ class PruneConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "PruneConfig":
+        data = _upgrade(data)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -119,3 +147,20 @@ class PruneConfig:
     @classmethod
     def from_json(cls, text: str) -> "PruneConfig":
         return cls.from_dict(json.loads(text))
+
+
+def _upgrade(data: dict[str, Any]) -> dict[str, Any]:
+    """A config saved in an older format, with the meaning it had then."""
+    version = data.get("format_version", 1)
+    if not isinstance(version, int) or version >= FORMAT_VERSION:
+        return data
+    data = dict(data)
+    if version < 2:
+        data.setdefault("pruned_tokens", "drop")
+        data.setdefault("novelty", False)
+        data.setdefault("keep_policy", "threshold")
+        # format 1 compared raw scores (which shrink as 1 / tokens); the thresholds are converted on load
+        data.pop("temperature", None)
+        data.pop("threshold_init", None)
+    data["format_version"] = FORMAT_VERSION
+    return data

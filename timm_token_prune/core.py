@@ -93,6 +93,7 @@ def token_scores(
     valid: torch.Tensor | None = None,
     soft_mask: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
+    sizes: torch.Tensor | None = None,
     chunk_elements: int = 1 << 20,
 ) -> torch.Tensor:
     """Token importance S_i = sum_h R_h,i A_h[cls, i] (AS-ViT), or the head mean of A[cls, i] (EViT);
@@ -103,6 +104,7 @@ def token_scores(
     averaged over the (real, kept) queries j: with global average pooling every token contributes
     alike, so the mean row stands in for the class row. That costs one Q K^T (O(N^2 d) per head),
     computed in blocks of query rows so at most `chunk_elements` attention weights exist at a time.
+    `sizes` (B, N): merged tokens count as that many queries (their key weight is already in `bias`).
     """
     batch, heads, tokens, _ = q.shape
     if class_token:
@@ -116,13 +118,15 @@ def token_scores(
         query_weights = valid.to(q.dtype)
     else:
         query_weights = None  # every query counts once
+    if sizes is not None:
+        query_weights = sizes.to(q.dtype) if query_weights is None else query_weights * sizes
     # blocks of query rows small enough to stay in cache (about 4 MB of float32 weights each)
     rows = max(8, chunk_elements // max(1, batch * heads * tokens))
     q, keys_t = q * scale, k.transpose(-2, -1).contiguous()  # once, not per block of rows
     received = q.new_zeros(batch, heads, 1, tokens)
     for start in range(0, tokens, rows):
         stop = min(start + rows, tokens)
-        row_bias = None if bias is None else bias[..., start:stop, :]
+        row_bias = bias if bias is None or bias.shape[-2] == 1 else bias[..., start:stop, :]
         attn = _attention_rows(q[:, :, start:stop], keys_t, bias=row_bias, valid=valid, soft_mask=soft_mask)
         if query_weights is None:
             received += attn.sum(dim=2, keepdim=True)
@@ -160,6 +164,21 @@ def _top_patches(scores: torch.Tensor, eligible: torch.Tensor, num_prefix: int, 
     """Indices (B, k) of the k best eligible patch tokens."""
     patch_scores = scores[:, num_prefix:].masked_fill(~eligible[:, num_prefix:], float("-inf"))
     return patch_scores.topk(k, dim=1, sorted=False).indices + num_prefix
+
+
+def mass_share(scores: torch.Tensor, eligible: torch.Tensor | None, num_prefix: int) -> torch.Tensor:
+    """For each patch token, the share of its image's (eligible patch) score mass held by it and by every
+    patch that scores lower or the same: (B, N) in (0, 1], differentiable. A threshold theta on it keeps
+    the fewest best patches holding at least 1 - theta of the mass. Prefix tokens get 1."""
+    s = scores.clamp_min(0)
+    if eligible is not None:
+        s = s * eligible
+    s = torch.cat([torch.zeros_like(s[:, :num_prefix]), s[:, num_prefix:]], dim=1)
+    ordered, order = s.sort(dim=1, descending=True, stable=True)
+    total = ordered.sum(dim=1, keepdim=True)
+    share = (total - (ordered.cumsum(dim=1) - ordered)) / total.clamp_min(_EPS)
+    share = torch.empty_like(share).scatter(1, order, share)
+    return torch.cat([torch.ones_like(share[:, :num_prefix]), share[:, num_prefix:]], dim=1)
 
 
 def hard_keep(
@@ -200,6 +219,61 @@ def straight_through_mask(
     """`hard` (0/1) in the forward pass, the gradient of sigmoid((S - theta) / T) in the backward pass."""
     soft = torch.sigmoid((scores - threshold) / temperature)
     return hard.to(soft.dtype) + soft - soft.detach()
+
+
+def token_similarity(x: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity (B, N, N) of the tokens x (B, N, C), without gradient."""
+    unit = F.normalize(x.detach().float(), dim=-1)
+    return unit @ unit.transpose(1, 2)
+
+
+def novelty(scores: torch.Tensor, similarity: torch.Tensor, eligible: torch.Tensor | None, num_prefix: int):
+    """1 - the highest cosine similarity (floored at 0) of each token to an eligible patch token that scores
+    higher: (B, N). A near copy of a better token adds little once it is merged into it."""
+    higher = scores[:, None, :] > scores[:, :, None]  # [b, j, i]: token i scores above token j
+    higher[:, :, :num_prefix] = False
+    if eligible is not None:
+        higher &= eligible[:, None, :]
+    return 1 - similarity.masked_fill(~higher, 0.0).amax(dim=-1).clamp_min(0)
+
+
+def merge_into_kept(
+    x: torch.Tensor,
+    keep: torch.Tensor,
+    dropped: torch.Tensor,
+    sizes: torch.Tensor,
+    num_prefix: int,
+    similarity: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge each `dropped` token of x (B, N, C) into the kept patch token most similar to it (cosine of
+    the tokens themselves, `token_similarity`), as a size-weighted mean; the kept token's size (B, N) grows
+    by the merged ones' (later attentions count a token of size s as s copies: `size_bias`). Prefix tokens
+    neither merge nor receive. Returns (x, sizes); rows that receive nothing stay unchanged, bit for bit."""
+    targets = keep.clone()
+    targets[:, :num_prefix] = False
+    similarity = token_similarity(x) if similarity is None else similarity
+    destination = similarity.masked_fill(~targets[:, None, :], float("-inf")).argmax(dim=-1)
+    weights = sizes * dropped.to(sizes.dtype)
+    weights[:, :num_prefix] = 0
+    added = torch.zeros_like(sizes).scatter_add_(1, destination, weights)
+    summed = torch.zeros_like(x).scatter_add_(
+        1, destination[..., None].expand_as(x), weights.to(x.dtype)[..., None] * x
+    )
+    receives = targets & (added > 0)
+    new_sizes = torch.where(receives, sizes + added, sizes)
+    merged = (sizes.to(x.dtype)[..., None] * x + summed) / new_sizes.to(x.dtype)[..., None]
+    return torch.where(receives[..., None], merged, x), new_sizes
+
+
+def size_bias(sizes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive key bias (B, 1, 1, N) = log(size): attention to a merged token of size s counts s-fold."""
+    return sizes.log().to(dtype)[:, None, None, :]
+
+
+def key_weights_bias(weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Pooling weights (B, N: 0 for hidden tokens, else the token's size; detached) as an additive key
+    bias (B, 1, 1, N): -inf hides a token, log(size) weighs a merged one."""
+    return weights.detach().to(dtype).log()[:, None, None, :]
 
 
 def gather_kept(x: torch.Tensor, keep: torch.Tensor, max_count: int) -> tuple[torch.Tensor, torch.Tensor]:

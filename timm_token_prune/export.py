@@ -30,7 +30,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example: torch.Tensor
     """Export a frozen (static-shape) pruned model to ONNX with a dynamic batch dimension; input
     "pixel_values", output "logits". Written to a temporary file, then renamed."""
     pruner = get_pruner(model)
-    if pruner.config.keep_policy != "topk":
+    if not pruner.fixed_counts:
         raise ValueError(
             "ONNX needs static shapes: call timm_token_prune.freeze(model, batches) first "
             "(adaptive per-image token counts are data-dependent)"

@@ -31,6 +31,7 @@ class FlopsModel:
     locations: tuple[int, ...]  # block index where each pruning stage starts
     score_per_pair: int = 0  # per scoring block without a class token: the full Q K^T of the mean received attention
     pool_per_token: int = 0  # attention pooling (MAP): key / value projections of the final tokens
+    merge_per_pair: int = 0  # per pruning point with merging: the key similarity of every pair of its tokens
 
     def block_macs(self, n: torch.Tensor | float) -> torch.Tensor | float:
         return self.linear_per_token * n + self.attn_per_pair * n * n
@@ -44,7 +45,7 @@ class FlopsModel:
         for stage, n in enumerate(tokens):
             total = total + (bounds[stage + 1] - bounds[stage]) * self.block_macs(n)
             if scoring and stage < len(self.locations):
-                total = total + self.score_per_token * n + self.score_per_pair * n * n
+                total = total + self.score_per_token * n + (self.score_per_pair + self.merge_per_pair) * n * n
         pooled = tokens[-1] if self.pool_per_token else 0  # MAP reads the tokens, prefix tokens included
         return total + self.pool_per_token * pooled
 

@@ -7,6 +7,7 @@ pruning point (and in the scoring ones), `prune()` at the end of each scoring bl
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +17,8 @@ from . import core
 from .config import REFERENCE_NUM_PATCHES, REFERENCE_THRESHOLDS, PruneConfig
 from .flops import FlopsModel, solve_keep_ratio
 
-_KEEP_ALL = -1.0  # scores are >= 0, so this threshold keeps every token
+_KEEP_ALL = -1.0  # every policy's statistic is >= 0, so this threshold keeps every token
+_MASS_STEP = 0.05  # 'mass' thresholds before calibration: 5%, 10%, 15% of the score mass may go
 
 
 class StopForward(Exception):
@@ -38,6 +40,7 @@ class ForwardState:
         self.kept: list[tuple[torch.Tensor | None, torch.Tensor | None]] = []  # eval, per stage: (order, valid)
         self.pool_source: torch.Tensor | None = None  # adapters: tokens a mean-pooling head reads
         self.positions: torch.Tensor | None = None  # eval, (B, N): original index of each token; None: unmoved
+        self.sizes: torch.Tensor | None = None  # merging, float (B, N): tokens each one stands for; None: all 1
         self.gathered: dict = {}  # gather_rope's cache: (id, stage) -> (rope, gathered rope)
         self.stop_after = stop_after
 
@@ -70,6 +73,8 @@ class TokenPruner(nn.Module):
     ) -> None:
         super().__init__()
         self.config = config
+        if config.pruned_tokens == "merge":  # the key similarity that finds where each pruned token goes
+            flops = dataclasses.replace(flops, merge_per_pair=flops.attn_per_pair // 2)
         self.flops = flops
         self.num_prefix_tokens = num_prefix_tokens
         # with a class token (token 0) scores are its attention row; without, the mean attention received
@@ -85,18 +90,39 @@ class TokenPruner(nn.Module):
         elif config.budget >= 1.0:
             init = [_KEEP_ALL] * stages
         else:
-            step = REFERENCE_THRESHOLDS[0] * REFERENCE_NUM_PATCHES / max(num_patches, 1)
+            step = _MASS_STEP if config.keep_policy == "mass" else REFERENCE_THRESHOLDS[0] * REFERENCE_NUM_PATCHES
             init = [step * (s + 1) for s in range(stages)]
         self.thresholds = nn.Parameter(torch.tensor(init, dtype=torch.float32))
-        if config.keep_policy == "topk" and config.keep_ratios is None:
-            rho = solve_keep_ratio(
-                flops, config.budget, num_prefix_tokens + num_patches, num_patches, num_prefix_tokens, config.min_keep
-            )
-            config.keep_ratios = (rho,) * stages
-        if config.keep_ratios is not None and len(config.keep_ratios) != stages:
-            raise ValueError(f"keep_ratios needs one value per pruning stage ({stages}), got {config.keep_ratios}")
+        ratios = config.keep_ratios
+        if ratios is not None and len(ratios) != stages:
+            raise ValueError(f"keep_ratios needs one value per pruning stage ({stages}), got {ratios}")
+        if ratios is None and config.keep_policy == "topk":
+            tokens = num_prefix_tokens + num_patches
+            rho = solve_keep_ratio(flops, config.budget, tokens, num_patches, num_prefix_tokens, config.min_keep)
+            ratios = (rho,) * stages
+        # run-time state, saved with the thresholds: the top-k fractions (set by `calibrate` and `freeze`; 0:
+        # unset) and whether `freeze` switched an adaptive model to those fixed counts
+        self.register_buffer("keep_ratios", torch.tensor(ratios or (0.0,) * stages, dtype=torch.float32))
+        self.register_buffer("static", torch.tensor(config.keep_policy == "topk"))
+        self._mirror_buffers()
         self._state: ForwardState | None = None
         self.stop_after: int | None = None  # calibration: end forward passes at this stage's scores
+
+    def set_counts(self, keep_ratios: tuple[float, ...] | None, static: bool) -> None:
+        """Set the top-k fractions (None: unset) and whether every image keeps those fixed counts."""
+        with torch.no_grad():
+            self.keep_ratios.copy_(torch.tensor(keep_ratios or (0.0,) * len(self.locations)))
+            self.static.fill_(static or self.config.keep_policy == "topk")
+        self._mirror_buffers()
+
+    def _mirror_buffers(self) -> None:
+        """Plain-Python copies of the count buffers, so forward passes read them without a device sync."""
+        self._ratios = tuple(self.keep_ratios.tolist())
+        self._static = bool(self.static)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._mirror_buffers()
 
     def __getstate__(self) -> dict:
         """Copies and pickles leave out the last forward's tensors (they may be part of an autograd graph)."""
@@ -117,10 +143,16 @@ class TokenPruner(nn.Module):
     def begin(self) -> None:
         self._state = ForwardState(self.stop_after)
 
+    @property
+    def merging(self) -> bool:
+        """Whether pruned tokens are merged into kept ones (else dropped)."""
+        return self.config.pruned_tokens == "merge"
+
     def masking(self) -> bool:
-        """Whether attentions must hide some keys (padding in eval, pruned tokens in training)."""
+        """Whether attentions must hide or weigh some keys (padding in eval, pruned tokens in training, merged
+        tokens), so that the zoo's own attention cannot stand in."""
         state = self.state
-        return state.valid is not None or state.soft_mask is not None
+        return state.valid is not None or state.soft_mask is not None or state.sizes is not None
 
     def attention(
         self,
@@ -138,6 +170,9 @@ class TokenPruner(nn.Module):
         state = self.state
         if state.num_tokens is None:
             state.num_tokens = int(q.shape[2])  # a plain int, also when traced for export
+        if state.sizes is not None:
+            sizes = core.size_bias(state.sizes, q.dtype)
+            bias = sizes if bias is None else bias + sizes
         context = core.attend(
             q, k, v, valid=state.valid, soft_mask=state.soft_mask, bias=bias, dropout_p=dropout_p, scale=scale
         )
@@ -147,7 +182,7 @@ class TokenPruner(nn.Module):
             earlier = None if state.soft_mask is None else state.soft_mask.detach()
             state.scores = core.token_scores(
                 q, k, context, scale=scale, method=self.config.score, class_token=self.class_token,
-                valid=state.valid, soft_mask=earlier, bias=bias,
+                valid=state.valid, soft_mask=earlier, bias=bias, sizes=state.sizes,
             )
         return context
 
@@ -174,24 +209,53 @@ class TokenPruner(nn.Module):
         state.positions = order if state.positions is None else state.positions.gather(1, order)
 
     def prune(self, x: torch.Tensor, stage: int) -> torch.Tensor:
-        """Drop (eval) or mask (train) the tokens of `x` that the last scoring attention rated low."""
+        """Drop or merge (eval) or mask (train) the tokens of `x` that the last scoring attention rated low."""
         state = self.state
         scores, state.scores = state.scores, None
         if scores is None:
             raise RuntimeError("prune() called without scores: the scoring attention did not run")
         eligible = state.valid if not self.training else _hard(state.soft_mask)
+        x = self.unpack(x)  # (B, N, C): eval batches may arrive packed
+        similarity = core.token_similarity(x) if self.merging or self.config.novelty else None
+        if self.config.novelty:
+            scores = scores * core.novelty(scores.detach(), similarity, eligible, self.num_prefix_tokens)
+        if not self.fixed_counts:  # top-k ranks the raw scores: the same order, and static for export
+            scores = self._statistic(scores, eligible)
         state.stage_scores.append((scores.detach(), eligible))
         if state.stop_after == stage:
             raise StopForward
-        if not self.training and self.config.keep_policy == "topk":
-            return self._gather_topk(x, scores, stage)
+        if not self.training and self.fixed_counts:
+            return self._gather_topk(x, scores, stage, similarity)
         keep = self._keep(scores.detach(), stage, eligible)
         if self.training:
             self._mask(scores, stage, keep)
-            return x
-        return self._gather(x, keep)
+            return self._merge(x, keep, eligible, similarity) if self.merging else x
+        return self._gather(x, keep, eligible, similarity)
 
-    def _gather_topk(self, x: torch.Tensor, scores: torch.Tensor, stage: int) -> torch.Tensor:
+    @property
+    def fixed_counts(self) -> bool:
+        """Whether every image keeps the same number of tokens (keep_policy 'topk', or after `freeze`)."""
+        return self.config.keep_policy == "topk" or self._static
+
+    def _statistic(self, scores: torch.Tensor, eligible: torch.Tensor | None) -> torch.Tensor:
+        """What the thresholds compare, scale-free so one calibration serves every image size: the share of
+        the image's score mass held by a token and all that score lower ('mass'), or the score times the
+        number of patches the image started with ('threshold': uniform attention gives about 1)."""
+        if self.config.keep_policy == "mass":
+            return core.mass_share(scores, eligible, self.num_prefix_tokens)
+        if self.config.keep_policy == "threshold":
+            return scores * (self.state.num_tokens - self.num_prefix_tokens)
+        return scores
+
+    def _merge(self, x: torch.Tensor, keep: torch.Tensor, eligible: torch.Tensor | None, similarity) -> torch.Tensor:
+        """Fold the tokens `keep` drops (of those `eligible`) into their most similar kept ones; x is (B, N, C)."""
+        state = self.state
+        dropped = ~keep if eligible is None else eligible & ~keep
+        sizes = state.sizes if state.sizes is not None else x.new_ones(keep.shape, dtype=torch.float32)
+        x, state.sizes = core.merge_into_kept(x, keep, dropped, sizes, self.num_prefix_tokens, similarity)
+        return x
+
+    def _gather_topk(self, x: torch.Tensor, scores: torch.Tensor, stage: int, similarity) -> torch.Tensor:
         """Static shapes: every image keeps its k best patches (k from the shapes and keep_ratios only),
         so no host sync, no padding, and nothing data-dependent for torch.compile or ONNX export."""
         state, prefix = self.state, self.num_prefix_tokens
@@ -200,12 +264,16 @@ class TokenPruner(nn.Module):
         order = torch.cat([torch.arange(prefix, device=x.device).expand(best.shape[0], -1), best], dim=1)
         state.counts.append(torch.full_like(best[:, 0], prefix + k))
         state.kept.append((order, None))
+        if self.merging:
+            keep = torch.zeros_like(scores, dtype=torch.bool).scatter(1, order, torch.ones_like(order, dtype=torch.bool))
+            x = self._merge(x, keep, None, similarity)
+            state.sizes = state.sizes.gather(1, order)
         self._moved(order)
         return x.gather(1, order[..., None].expand(-1, -1, x.shape[-1]))
 
     def _keep(self, scores: torch.Tensor, stage: int, eligible: torch.Tensor | None) -> torch.Tensor:
         prefix = self.num_prefix_tokens
-        if self.config.keep_policy == "topk":  # training: the same k as _gather_topk
+        if self.fixed_counts:  # training: the same k as _gather_topk
             k = self.topk_counts(self.state.num_tokens - prefix)[stage]
             return core.topk_keep(scores, num_prefix=prefix, k=k, eligible=eligible)
         return core.hard_keep(
@@ -214,8 +282,10 @@ class TokenPruner(nn.Module):
 
     def topk_counts(self, num_patches: int) -> list[int]:
         """keep_policy 'topk': patch tokens kept at each stage, the same for every image."""
+        if not all(r > 0 for r in self._ratios):
+            raise RuntimeError("no keep ratios yet: call calibrate(model, batches) or freeze(model, batches)")
         counts, patches = [], num_patches
-        for ratio in self.config.keep_ratios:
+        for ratio in self._ratios:
             patches = min(patches, max(self.config.min_keep, round(ratio * patches)))
             counts.append(patches)
         return counts
@@ -229,7 +299,7 @@ class TokenPruner(nn.Module):
         one stage's threshold lifts the next stages' scores, a path that T = 1e-4 amplifies 1/T-fold and
         that would make the FLOPs loss push thresholds the wrong way."""
         state = self.state
-        if self.config.keep_policy == "topk":
+        if self.fixed_counts:
             mask = keep.to(scores.dtype)
         else:
             threshold, temperature = self.thresholds[stage], self.config.temperature
@@ -243,9 +313,8 @@ class TokenPruner(nn.Module):
         prefix = self.num_prefix_tokens
         return torch.cat([torch.ones_like(mask[:, :prefix]), mask[:, prefix:]], dim=1)
 
-    def _gather(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    def _gather(self, x: torch.Tensor, keep: torch.Tensor, eligible: torch.Tensor | None, similarity) -> torch.Tensor:
         state = self.state
-        x = self.unpack(x)
         batch, tokens = keep.shape
         counts = keep.sum(dim=1)
         state.counts.append(counts)
@@ -254,7 +323,11 @@ class TokenPruner(nn.Module):
         if fewest == tokens:  # nothing dropped, no padding
             state.kept.append((None, None))
             return x
+        if self.merging:
+            x = self._merge(x, keep, eligible, similarity)
         x, order = core.gather_kept(x, keep, most)
+        if state.sizes is not None:
+            state.sizes = state.sizes.gather(1, order)
         if most == fewest:
             state.valid = state.pack_index = state.unpack_index = None
         else:
@@ -302,7 +375,10 @@ class TokenPruner(nn.Module):
     def pool_weights(self) -> torch.Tensor | None:
         """Weights (B, N) of the current tokens for average pooling, or None when all count equally."""
         state = self.state
-        return state.soft_mask if state.soft_mask is not None else state.valid
+        weights = state.soft_mask if state.soft_mask is not None else state.valid
+        if state.sizes is None:
+            return weights
+        return state.sizes if weights is None else weights * state.sizes
 
     # ---- FLOPs -------------------------------------------------------------------------------------
     def _macs(self) -> tuple[torch.Tensor | float, float]:

@@ -26,8 +26,8 @@ def freeze(model: nn.Module, batches: Iterable[Any]) -> PruneStats:
     Returns the statistics of the frozen model on the same batches (its `flops_ratio` matches the
     adaptive mean within rounding to whole tokens)."""
     pruner = get_pruner(model)
-    if pruner.config.keep_policy == "topk":
-        raise ValueError("this model already has fixed counts (keep_policy='topk'); call unfreeze(model) first")
+    if pruner.fixed_counts:
+        raise ValueError("this model already has fixed counts (keep_policy='topk' or frozen); call unfreeze(model) first")
     images = sample_images(pruner, batches, "freeze")
     was_training = model.training
     model.eval()
@@ -42,8 +42,7 @@ def freeze(model: nn.Module, batches: Iterable[Any]) -> PruneStats:
         prefix = pruner.num_prefix_tokens
         patches = (counts - prefix).tolist()
         ratios = _ratios_for_macs(pruner, patches, tokens, target)
-        pruner.config.keep_policy = "topk"
-        pruner.config.keep_ratios = tuple(ratios)
+        pruner.set_counts(tuple(ratios), static=True)
         stats = measure(model, pruner, images)
     finally:
         model.train(was_training)
@@ -53,8 +52,9 @@ def freeze(model: nn.Module, batches: Iterable[Any]) -> PruneStats:
 def unfreeze(model: nn.Module) -> nn.Module:
     """Back to per-image adaptive counts from the (unchanged) thresholds."""
     pruner = get_pruner(model)
-    pruner.config.keep_policy = "threshold"
-    pruner.config.keep_ratios = None
+    if pruner.config.keep_policy == "topk":
+        raise ValueError("keep_policy='topk' has fixed counts by design: there is no adaptive mode to return to")
+    pruner.set_counts(None, static=False)
     return model
 
 

@@ -245,7 +245,7 @@ def _pool_kept_keys(module: nn.Module, args: tuple, kwargs: dict):
         return None
     if kwargs.get("key_padding_mask") is not None or kwargs.get("attn_mask") is not None:
         raise NotImplementedError("the pooling head's own masks cannot be combined with token pruning")
-    return args, {**kwargs, "key_padding_mask": ~(weights > 0.5)}
+    return args, {**kwargs, "key_padding_mask": core.key_weights_bias(weights, args[0].dtype)[:, 0, 0]}
 
 
 _HOOKS = (_begin_forward, _prune_output, _unpack_output, _keep_pool_source, _mean_over_kept_tokens, _pool_kept_keys)

@@ -233,8 +233,8 @@ def pool_kept(model: nn.Module, x: torch.Tensor, weights: torch.Tensor, pool_typ
         return x[:, 0]
     start = 0 if include_prefix else model.num_prefix_tokens
     x, weights = x[:, start:], weights[:, start:]
-    if getattr(model, "attn_pool", None) is not None:  # MAP: kept tokens as keys (hard mask in training)
-        return model.attn_pool(x, attn_mask=(weights > 0.5)[:, None, None, :])
+    if getattr(model, "attn_pool", None) is not None:  # MAP: kept tokens as keys, weighted by their sizes
+        return model.attn_pool(x, attn_mask=core.key_weights_bias(weights, x.dtype))
     if pool_type == "avg":
         return core.masked_mean(x, weights)
     if pool_type in ("max", "avgmax"):
