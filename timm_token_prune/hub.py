@@ -305,7 +305,7 @@ def info(repo_id_or_path: str, *, revision: str | None = None, local_files_only:
 def _zoo(model: nn.Module) -> str:
     from .adapters import find_adapter
 
-    return find_adapter(model).NAME
+    return find_adapter(model).name
 
 
 def _version() -> str:
