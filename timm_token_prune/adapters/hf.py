@@ -7,7 +7,7 @@ No class of the model is replaced (a renamed `PreTrainedModel` would lose its ch
 - forward hooks: the base model's pre-hook starts a forward, each scoring layer's hook prunes its
   output, the last layer's hook unpacks a packed batch; Dinov2's classifier (class token + mean of
   patch tokens) gets the mean over kept tokens only; SigLIP's attention-pooling head gets a key
-  padding mask of the kept tokens.
+  padding mask of the kept tokens. Their handles live on the pruner; unpatch removes them.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from .shared import check_pixels, new_pruner, pruned_layers
 
 ATTN_IMPLEMENTATION = "timm_token_prune"
 _ADDED = ("_token_pruner", "_prune_stage", "_token_prune_config", "_token_prune_fallback")
+_HANDLES = "_token_prune_hooks"  # on the pruner: the RemovableHandles of the hooks patch registered
 
 
 @dataclass(frozen=True)
@@ -110,12 +111,9 @@ class TransformersAdapter(Adapter):
         return _patch(model, config, locations)
 
     def unpatch(self, model: nn.Module) -> None:
+        for handle in model.token_pruner.__dict__.get(_HANDLES, ()):
+            handle.remove()
         for module in model.modules():
-            for hooks in (module._forward_hooks, module._forward_pre_hooks):
-                for key in [k for k, hook in hooks.items() if hook in _HOOKS]:
-                    del hooks[key]
-                    module._forward_hooks_with_kwargs.pop(key, None)
-                    module._forward_pre_hooks_with_kwargs.pop(key, None)
             original = module.__dict__.get("_token_prune_config")
             if original is not None:
                 module.config = original
@@ -207,6 +205,7 @@ def _patch(model: nn.Module, config: PruneConfig, locations: tuple[int, ...]) ->
         pool_per_token=pool_kv,
     )
     fallback = base.config._attn_implementation or "eager"
+    handles = []
     for _, layer, stage in pruned_layers(layers, locations):
         attention = getattr(layer, family.attention)
         own = copy.copy(attention.config)
@@ -216,21 +215,24 @@ def _patch(model: nn.Module, config: PruneConfig, locations: tuple[int, ...]) ->
         attention.config = own
         if stage is not None:
             _set(layer, _token_pruner=pruner, _prune_stage=stage)
-            layer.register_forward_hook(_prune_output)
+            handles.append(layer.register_forward_hook(_prune_output))
     _set(layers[-1], _token_pruner=pruner)
-    layers[-1].register_forward_hook(_unpack_output)
+    handles.append(layers[-1].register_forward_hook(_unpack_output))
     _set(base, _token_pruner=pruner)
-    base.register_forward_pre_hook(_begin_forward, with_kwargs=True)
+    handles.append(base.register_forward_pre_hook(_begin_forward, with_kwargs=True))
     if type(model).__name__ in _MEAN_POOL_SOURCE:
         source = _MEAN_POOL_SOURCE[type(model).__name__]
         source = _get(model, source) if source else layers[-1]
         _set(source, _token_pruner=pruner)
-        source.register_forward_hook(_keep_pool_source)
+        handles.append(source.register_forward_hook(_keep_pool_source))
         _set(model.classifier, _token_pruner=pruner)
-        model.classifier.register_forward_pre_hook(_mean_over_kept_tokens)
+        handles.append(model.classifier.register_forward_pre_hook(_mean_over_kept_tokens))
     if pool is not None:
         _set(pool, _token_pruner=pruner)
-        pool.register_forward_pre_hook(_pool_kept_keys, with_kwargs=True)
+        handles.append(pool.register_forward_pre_hook(_pool_kept_keys, with_kwargs=True))
+    # a plain attribute: copies and pickles of the model carry the handles along with the hook dicts they
+    # point to, so unpatching a copy removes the copy's hooks
+    _set(pruner, **{_HANDLES: handles})
     model.add_module("token_pruner", pruner)
     return pruner
 
@@ -287,9 +289,6 @@ def _pool_kept_keys(module: nn.Module, args: tuple, kwargs: dict):
     if kwargs.get("key_padding_mask") is not None or kwargs.get("attn_mask") is not None:
         raise NotImplementedError("the pooling head's own masks cannot be combined with token pruning")
     return args, {**kwargs, "key_padding_mask": ~(weights > 0.5)}
-
-
-_HOOKS = (_begin_forward, _prune_output, _unpack_output, _keep_pool_source, _mean_over_kept_tokens, _pool_kept_keys)
 
 
 # ---- the attention implementation ---------------------------------------------------------------
