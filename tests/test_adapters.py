@@ -102,7 +102,7 @@ def process_group(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["sequential", "data_parallel", "distributed"])
-def test_wrappers_point_at_the_inner_model(kind, request):
+def test_wrappers_point_at_the_inner_model(kind, request, tmp_path):
     if kind == "distributed":
         request.getfixturevalue("process_group")
     model = make_model("vit")
@@ -115,4 +115,7 @@ def test_wrappers_point_at_the_inner_model(kind, request):
     ttp.patch_model(model, budget=0.5)
     with pytest.raises(ttp.NotPatchedError, match=f"is a wrapper: unpatch {where}"):
         ttp.unpatch_model(wrapper)
+    with pytest.raises(ttp.NotPatchedError, match=f"is a wrapper: save {where}"):
+        ttp.save_pretrained(wrapper, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
