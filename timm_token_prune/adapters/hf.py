@@ -304,13 +304,20 @@ def _token_prune_attention(module, query, key, value, attention_mask, scaling=No
     q, k, v = (_unpack_heads(pruner, t) for t in (query, key, value))
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
     context = pruner.attention(q, k, v, scale=scale, dropout_p=dropout, stage=stage)
-    out = pruner.pack(context.transpose(1, 2).flatten(2))
-    return out.unflatten(-1, (heads, -1)), None
+    out = pruner.pack(_merge_heads(context))
+    return out.reshape(*out.shape[:2], heads, -1), None
 
 
 def _unpack_heads(pruner: TokenPruner, t: torch.Tensor) -> torch.Tensor:
     heads = t.shape[1]
-    return pruner.unpack(t.transpose(1, 2).flatten(2)).unflatten(-1, (heads, -1)).transpose(1, 2)
+    t = pruner.unpack(_merge_heads(t))
+    return t.reshape(*t.shape[:2], heads, -1).transpose(1, 2)
+
+
+def _merge_heads(t: torch.Tensor) -> torch.Tensor:
+    """(B, H, N, hd) -> (B, N, H hd). reshape with traced sizes, not flatten / unflatten: their ONNX export
+    bakes in the example's batch size."""
+    return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], -1)
 
 
 def _fallback(module):
