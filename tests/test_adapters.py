@@ -48,6 +48,15 @@ def test_each_family_gets_its_adapter_and_zoo(case):
     assert find_adapter(model) is adapter  # a patched model keeps its adapter
 
 
+@pytest.mark.parametrize(
+    "case, classifier", [("deit_with_teacher", True), ("clip_classifier", True), ("vit_model_pooler", False)]
+)
+def test_transformers_classifiers_are_recognised(case, classifier):
+    model = make_hf(case)
+    assert find_adapter(model).is_classifier(model) is classifier
+    assert find_adapter(model).input_size(model) == (3, IMG, IMG)
+
+
 def test_every_registered_adapter_implements_the_contract():
     assert [a.name for a in adapters.ADAPTERS] == ["timm", "timm-eva", "timm-beit", "transformers"]
     for adapter in adapters.ADAPTERS:

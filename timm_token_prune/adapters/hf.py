@@ -148,7 +148,7 @@ class TransformersAdapter(Adapter):
         return name if name and not Path(name).exists() else None
 
     def is_classifier(self, model: nn.Module) -> bool:
-        return hasattr(model, "classifier")
+        return "ForImageClassification" in type(model).__name__  # ...WithTeacher has two heads, no .classifier
 
     def input_size(self, model: nn.Module) -> tuple[int, int, int]:
         config = _base(model).config
