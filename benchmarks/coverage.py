@@ -54,6 +54,7 @@ import timm
 import torch
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # check this checkout, not another installed copy
 import timm_token_prune as ttp
 from timm_token_prune.batches import logits_of
 from timm_token_prune.errors import UnsupportedModelError
