@@ -15,13 +15,25 @@ overrides if a model refuses them) and classified:
     failed       anything else: another exception, or a mismatch
     skipped      the model could not be built at a tiny size
 
+Every patched model then goes through, each reported in its own column (ok / failed with the reason):
+
+    save -> load   save_pretrained then from_pretrained gives exactly the same outputs
+    train step     model.train(), a forward on 8 random images, cross-entropy on the logits (a feature
+                   model: the mean square of its output) + budget_loss, backward: the loss is finite and
+                   the thresholds get a finite gradient, nonzero at one stage at least (the calibrated
+                   thresholds as they are: with the straight-through mask only tokens within a few
+                   temperatures of a threshold carry gradient, and a zero gradient is reported as such)
+    freeze + ONNX  one model per family (ONNX_MODELS): freeze, export_onnx with a 1-image example, and
+                   onnxruntime at batch 2 matches the frozen model (atol = rtol = 1e-3)
+
 The Markdown report goes to stdout (and to --output, written atomically), one progress line per model
-to stderr. Exit status 1 if any model failed.
+to stderr. Exit status 1 if any model or check failed.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import fnmatch
 import gc
@@ -34,14 +46,17 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import timm
 import torch
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # check this checkout, not another installed copy
 import timm_token_prune as ttp
+from timm_token_prune.batches import logits_of
 from timm_token_prune.errors import UnsupportedModelError
 
 try:
@@ -52,6 +67,16 @@ except ImportError:  # the hf family is then reported as skipped
 TIMM_FAMILIES = ("vision_transformer", "deit", "eva", "beit")
 FAMILIES = (*TIMM_FAMILIES, "hf")
 RESULTS = ("patched", "unsupported", "failed", "skipped")
+CHECKS = {"save": "save -> load", "train": "train step", "onnx": "freeze + ONNX"}  # key -> column title
+TRAIN_BATCH = 8
+ONNX_ATOL = ONNX_RTOL = 1e-3
+# the freeze + ONNX check: one model per timm family (and distilled DeiT), one class per transformers family
+ONNX_MODELS = {
+    "vit_tiny_patch16_224", "deit_tiny_distilled_patch16_224", "eva02_tiny_patch14_224", "beit_base_patch16_224",
+    "ViTForImageClassification", "DeiTForImageClassificationWithTeacher", "Dinov2ForImageClassification",
+    "Dinov2WithRegistersForImageClassification", "ViTMSNForImageClassification", "CLIPVisionModelWithProjection",
+    "CLIPForImageClassification", "SiglipVisionModel", "SiglipForImageClassification",
+}
 # blocks, patches per side (8 x 8: with 4 blocks, fewer leave no room to reach the budget once register
 # tokens are kept), classes, images
 DEPTH, GRID, CLASSES, BATCH = 4, 8, 10, 2
@@ -87,7 +112,7 @@ HF_CLASSES = {
 }
 HF_PATCH, HF_VOCAB, HF_TEXT_LEN = 8, 100, 8
 HF_SIZE = GRID * HF_PATCH
-_HF_WIDTH = dict(hidden_size=64, num_hidden_layers=DEPTH, num_attention_heads=4)
+_HF_WIDTH = {"hidden_size": 64, "num_hidden_layers": DEPTH, "num_attention_heads": 4}
 _HF_VISION = dict(_HF_WIDTH, intermediate_size=128, image_size=HF_SIZE, patch_size=HF_PATCH)
 _HF_TEXT = dict(
     _HF_WIDTH, intermediate_size=128, vocab_size=HF_VOCAB, max_position_embeddings=16, pad_token_id=1, bos_token_id=2,
@@ -116,6 +141,7 @@ class Result:
     detail: str
     seconds: float
     note: str = ""  # how it was built, when not with the usual overrides
+    checks: dict[str, tuple[str, str]] = field(default_factory=dict)  # CHECKS key -> ("ok" / "failed", detail)
 
 
 class Mismatch(AssertionError):
@@ -240,13 +266,150 @@ def describe(error: BaseException, limit: int = 240) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
+# --------------------------------------------------------------------------- checks of a patched model
+
+
+def run_checks(built: Built, onnx: bool) -> dict[str, tuple[str, str]]:
+    """The CHECKS of a model patched at BUDGET and calibrated: key -> ("ok" / "failed", detail)."""
+    checks = {"save": check_round_trip, "train": check_train_step}
+    if onnx:
+        checks["onnx"] = check_onnx
+    results = {}
+    for key, check in checks.items():
+        try:
+            results[key] = ("ok", check(built))
+        except Exception as error:  # noqa: BLE001 - a failed check is reported, the others still run
+            results[key] = ("failed", describe(error))
+        finally:
+            built.model.eval()
+    return results
+
+
+def images_of(built: Built, batch: int) -> torch.Tensor:
+    """`batch` random images of the model's input shape."""
+    calib = built.calib["pixel_values"] if isinstance(built.calib, dict) else built.calib
+    return torch.randn(batch, *calib.shape[1:], generator=torch.Generator().manual_seed(1))
+
+
+def call(built: Built, images: torch.Tensor) -> Any:
+    """The model on `images`, passed as its image input (timm's x, transformers' pixel_values)."""
+    return built.model(**{next(iter(built.inputs)): images})
+
+
+def check_round_trip(built: Built) -> str:
+    """save_pretrained -> from_pretrained: exactly the same outputs."""
+    model = built.model.eval()
+    want = forward(model, built.inputs)
+    with tempfile.TemporaryDirectory() as folder:
+        ttp.save_pretrained(model, folder)
+        got = forward(ttp.from_pretrained(folder), built.inputs)
+    for key, ref in want.items():
+        if key not in got or got[key].shape != ref.shape or not torch.equal(got[key], ref):
+            diff = (got[key].float() - ref.float()).abs().max().item() if key in got else float("nan")
+            raise Mismatch(f"{key} differs after save -> load (max abs diff {diff:.1e})")
+    return "equal"
+
+
+def check_train_step(built: Built) -> str:
+    """One training step's loss and threshold gradient (no optimizer step: the model is unchanged)."""
+    model = built.model
+    pruner = ttp.get_pruner(model)
+    model.zero_grad(set_to_none=True)
+    model.train()
+    images = images_of(built, TRAIN_BATCH)
+    torch.manual_seed(0)
+    output = call(built, images)
+    try:
+        logits = logits_of(output)
+    except TypeError:
+        logits = None
+    if logits is not None and logits.dim() == 2 and logits.shape[-1] > 1:
+        labels = torch.randint(0, logits.shape[-1], (TRAIN_BATCH,), generator=torch.Generator().manual_seed(2))
+        task, kind = nn.functional.cross_entropy(logits.float(), labels), "CE"
+    else:  # a feature model
+        task, kind = next(iter(outputs_of(output).values())).float().pow(2).mean(), "feature MSE"
+    loss = task + ttp.budget_loss(model)
+    loss.backward()
+    grad = pruner.thresholds.grad
+    model.zero_grad(set_to_none=True)
+    if not torch.isfinite(loss):
+        raise Mismatch(f"the {kind} + budget loss is {loss.item()}")
+    if grad is None or not torch.isfinite(grad).all():
+        raise Mismatch(f"threshold gradient {None if grad is None else grad.tolist()}")
+    nonzero = int((grad != 0).sum())
+    if nonzero == 0:
+        raise Mismatch(f"threshold gradient is exactly zero at all {grad.numel()} stages (no score near a threshold)")
+    return f"{kind} + budget loss {loss.item():.3f}; threshold gradient nonzero at {nonzero}/{grad.numel()} stages"
+
+
+def check_onnx(built: Built) -> str:
+    """freeze, export with a 1-image example, run onnxruntime at batch 2 (a dynamic batch) against the model."""
+    import onnxruntime
+
+    model = built.model.eval()
+    images = images_of(built, 2)
+    ttp.freeze(model, [images_of(built, 8)])
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            try:
+                path = ttp.export_onnx(model, Path(folder) / "model.onnx", images[:1])
+            except Exception as error:
+                if dense_export_fails(model, images[:1], Path(folder) / "dense.onnx"):
+                    raise NotExportable(f"the unpatched model does not export either: {describe(error)}") from error
+                raise
+            session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            name = session.get_outputs()[0].name
+            (got,) = session.run(None, {"pixel_values": images.numpy()})
+        with torch.no_grad():
+            output = call(built, images)
+        want = logits_of(output) if name == "logits" else exported_features(output)
+        got = torch.from_numpy(got)
+        diff = (got - want).abs().max().item()
+        torch.testing.assert_close(got, want, atol=ONNX_ATOL, rtol=ONNX_RTOL)
+    finally:
+        ttp.unfreeze(model)
+    return f"{name}, max diff {diff:.1e}"
+
+
+def dense_export_fails(model: nn.Module, example: torch.Tensor, path: Path) -> bool:
+    """Whether the same model, unpatched, fails torch.onnx.export too (a limitation of the zoo or exporter)."""
+    dense = ttp.unpatch_model(copy.deepcopy(model)).eval()
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(Logits(dense), (example,), str(path), dynamo=False, opset_version=17)
+    except Exception:  # noqa: BLE001
+        return True
+    return False
+
+
+class NotExportable(RuntimeError):
+    """torch.onnx cannot export the model, patched or not."""
+
+
+class Logits(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        output = self.model(x)
+        return output if isinstance(output, torch.Tensor) else next(iter(outputs_of(output).values()))
+
+
+def exported_features(output: Any) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    return next(getattr(output, k) for k in ("image_embeds", "pooler_output") if getattr(output, k, None) is not None)
+
+
 # --------------------------------------------------------------------------- timm models
 
 
 def small_overrides(name: str) -> dict[str, Any]:
     match = re.search(r"patch(\d+)", name)
     patch = int(match.group(1)) if match else 16
-    return dict(depth=DEPTH, img_size=GRID * patch, num_classes=CLASSES)
+    return {"depth": DEPTH, "img_size": GRID * patch, "num_classes": CLASSES}
 
 
 def per_block_settings(name: str) -> dict[str, Any]:
@@ -413,10 +576,11 @@ def check_one(family: str, name: str) -> Result:
         reason = str(error) if isinstance(error, BuildError) else describe(error)
         return Result(family, name, "-", "skipped", reason, time.perf_counter() - start)
     result, detail = classify(built)
+    checks = run_checks(built, onnx=name in ONNX_MODELS) if result == "patched" else {}
     cls, note = built.cls, built.note
     del built
     gc.collect()
-    return Result(family, name, cls, result, detail, time.perf_counter() - start, note)
+    return Result(family, name, cls, result, detail, time.perf_counter() - start, note, checks)
 
 
 def run(families: list[str], pattern: str | None, limit: int | None, progress: bool) -> list[Result]:
@@ -429,8 +593,10 @@ def run(families: list[str], pattern: str | None, limit: int | None, progress: b
         result = check_one(family, name)
         results.append(result)
         if progress:
+            failed = [CHECKS[k] for k, (status, _) in result.checks.items() if status != "ok"]
             print(
-                f"[{index}/{len(plan)}] {family} {name}: {result.result} ({result.seconds:.1f} s, "
+                f"[{index}/{len(plan)}] {family} {name}: {result.result}"
+                f"{'; failed ' + ', '.join(failed) if failed else ''} ({result.seconds:.1f} s, "
                 f"{time.perf_counter() - start:.0f} s elapsed)",
                 file=sys.stderr,
                 flush=True,
@@ -446,13 +612,28 @@ def cell(text: str) -> str:
 
 
 def totals_table(results: list[Result], families: list[str]) -> list[str]:
-    lines = ["| family | models | " + " | ".join(RESULTS) + " |", "|---|" + "---:|" * (len(RESULTS) + 1)]
+    titles = [f"{title} ok / failed" for title in CHECKS.values()]
+    lines = [
+        "| family | models | " + " | ".join([*RESULTS, *titles]) + " |",
+        "|---|" + "---:|" * (len(RESULTS) + len(CHECKS) + 1),
+    ]
     for family in [*families, None]:
         rows = [r for r in results if family is None or r.family == family]
         counts = Counter(r.result for r in rows)
+        checks = [Counter(r.checks[key][0] for r in rows if key in r.checks) for key in CHECKS]
         label = "**total**" if family is None else family
-        lines.append(f"| {label} | {len(rows)} | " + " | ".join(str(counts[k]) for k in RESULTS) + " |")
+        cells = [str(counts[k]) for k in RESULTS] + [f"{c['ok']} / {c['failed']}" for c in checks]
+        lines.append(f"| {label} | {len(rows)} | " + " | ".join(cells) + " |")
     return lines
+
+
+def check_cells(result: Result) -> list[str]:
+    """One cell per check: ok (its detail), failed: the reason, or empty (not run)."""
+    cells = []
+    for key in CHECKS:
+        status, detail = result.checks.get(key, ("", ""))
+        cells.append("ok" if status == "ok" and key == "save" else f"{status}: {detail}" if status else "")
+    return cells
 
 
 def detail_cell(result: Result) -> str:
@@ -462,15 +643,22 @@ def detail_cell(result: Result) -> str:
 def family_section(family: str, rows: list[Result]) -> list[str]:
     """Failures first, then unsupported grouped by reason, then patched, then skipped."""
     order = {"failed": 0, "unsupported": 1, "patched": 2, "skipped": 3}
-    rows = sorted(rows, key=lambda r: (order[r.result], r.detail if r.result == "unsupported" else "", r.name))
+    failed_check = {r.name for r in rows if any(status != "ok" for status, _ in r.checks.values())}
+    rows = sorted(
+        rows,
+        key=lambda r: (order[r.result], r.name not in failed_check, r.detail if r.result == "unsupported" else "", r.name),
+    )
     lines = [f"## {family}", ""]
     reasons = Counter(r.detail for r in rows if r.result == "unsupported")
     if reasons:
         lines += ["Unsupported, by reason:", ""]
         lines += [f"- {count} x {cell(reason)}" for reason, count in reasons.most_common()]
         lines.append("")
-    lines += ["| model | class | result | detail |", "|---|---|---|---|"]
-    lines += [f"| `{r.name}` | {r.cls} | {r.result} | {cell(detail_cell(r))} |" for r in rows]
+    lines += ["| model | class | result | detail | " + " | ".join(CHECKS.values()) + " |", "|---|---|---|---|---|---|---|"]
+    lines += [
+        f"| `{r.name}` | {r.cls} | {r.result} | {cell(detail_cell(r))} | " + " | ".join(map(cell, check_cells(r))) + " |"
+        for r in rows
+    ]
     return lines + [""]
 
 
@@ -480,10 +668,15 @@ def report(results: list[Result], families: list[str], command: str) -> str:
     lines = [
         "# Model coverage of timm-token-prune",
         "",
-        f"Produced by `{command}` with timm {timm.__version__}, transformers {hf_version}, "
-        f"torch {torch.__version__} on {datetime.date.today().isoformat()} ({seconds / 60:.1f} min). Random "
-        f"weights, {DEPTH} blocks, {GRID} x {GRID} patches; patched = dense output at budget 1.0 (atol = rtol = "
-        f"{ATOL:g}) and fewer tokens after calibrating to {BUDGET}.",
+        (
+            f"Produced by `{command}` with timm {timm.__version__}, transformers {hf_version}, "
+            f"torch {torch.__version__} on {datetime.date.today().isoformat()} ({seconds / 60:.1f} min). Random "
+            f"weights, {DEPTH} blocks, {GRID} x {GRID} patches; patched = dense output at budget 1.0 (atol = rtol = "
+            f"{ATOL:g}) and fewer tokens after calibrating to {BUDGET}. Each patched model is then saved and loaded "
+            f"(equal outputs) and takes one training step on {TRAIN_BATCH} random images (finite CE + budget loss, "
+            "nonzero threshold gradient); one model per family is frozen and exported to ONNX (onnxruntime at a "
+            f"different batch size matches, atol = rtol = {ONNX_ATOL:g}). See the docstring of benchmarks/coverage.py."
+        ),
         "",
         *totals_table(results, families),
         "",
@@ -526,7 +719,8 @@ def main() -> None:
     print(text)
     if args.output:
         write_atomic(text, args.output)
-    sys.exit(1 if any(r.result == "failed" for r in results) else 0)
+    failed = any(r.result == "failed" or any(status != "ok" for status, _ in r.checks.values()) for r in results)
+    sys.exit(1 if failed else 0)
 
 
 if __name__ == "__main__":

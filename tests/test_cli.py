@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from PIL import Image
@@ -35,3 +36,56 @@ def test_errors_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["benchmark", "test_vit", "--budget", "0"])
     assert exit_info.value.code == 2
+
+
+def one_line_error(capsys, pattern: str) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert re.search(pattern, err), err
+    return err
+
+
+@pytest.mark.parametrize(
+    "argv, pattern",
+    [
+        (["visualize", "no_such_model", "IMAGE"], "'no_such_model' is not a checkpoint folder, a Hub repo id"),
+        (["visualize", "test_vit", "NOT_AN_IMAGE"], "not an image file that PIL can read"),
+        (["visualize", "resnet18", "IMAGE"], "cannot patch ResNet: no adapter knows it"),
+        (["export", "resnet18", "--onnx", "OUT"], "cannot patch ResNet"),
+        (["visualize", "test_vit", "IMAGE", "--out", "kept.xyz"], "not an image file name PIL can write"),
+        (["benchmark", "no_such_model"], "unknown model 'no_such_model'"),
+    ],
+)
+def test_bad_command_lines_print_one_line(argv, pattern, tmp_path, capsys):
+    Image.new("RGB", (40, 40), (10, 200, 30)).save(tmp_path / "image.png")
+    (tmp_path / "not_an_image.png").write_text("hello")
+    replace = {"IMAGE": str(tmp_path / "image.png"), "NOT_AN_IMAGE": str(tmp_path / "not_an_image.png"),
+               "OUT": str(tmp_path / "m.onnx")}
+    argv = [replace.get(a, a) for a in argv]
+    argv = [str(tmp_path / a) if a.endswith(".xyz") else a for a in argv]
+    assert main(argv) == 2
+    one_line_error(capsys, pattern)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["image.png", "not_an_image.png"]
+
+
+def test_info_errors_print_one_line(hub, tmp_path, monkeypatch, capsys):
+    assert main(["info", "org/missing"]) == 2
+    one_line_error(capsys, "org/missing: no such repository")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    assert main(["info", "org/never-downloaded"]) == 2
+    err = one_line_error(capsys, "org/never-downloaded: not in the local cache and downloads are off")
+    assert "not a timm-token-prune checkpoint" not in err
+
+
+def test_visualize_and_export_a_transformers_checkpoint(tmp_path):
+    from test_hub_local import hf_pruned
+
+    import timm_token_prune as ttp
+
+    ttp.save_pretrained(hf_pruned(), tmp_path / "ckpt")
+    Image.new("RGB", (50, 30), (200, 30, 30)).save(tmp_path / "red.png")
+    assert main(["visualize", str(tmp_path / "ckpt"), str(tmp_path / "red.png"), "--out", str(tmp_path / "k.png")]) == 0
+    assert Image.open(tmp_path / "k.png").size[0] > 0
+    assert main(["export", str(tmp_path / "ckpt"), "--onnx", str(tmp_path / "m.onnx")]) == 0
+    assert (tmp_path / "m.onnx").stat().st_size > 0

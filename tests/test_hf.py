@@ -254,3 +254,26 @@ def test_distillation_trainer_trains_thresholds_without_decay(tmp_path):
     result = trainer.train()
     assert torch.isfinite(torch.tensor(result.training_loss))
     assert not torch.equal(ttp.get_pruner(model).thresholds.detach(), before)
+
+
+@pytest.mark.parametrize("case", ["dinov2_classifier", "siglip_vision_map_head"])
+def test_unpatching_a_copy_restores_the_copy_and_leaves_the_original_patched(case):
+    import pickle
+
+    dense = make_hf(case)
+    x = images(4)
+    with torch.no_grad():
+        expected_dense = main_output(dense(x))
+        model = patched_hf(case)
+        expected_pruned = main_output(model(x))
+        for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+            ttp.unpatch_model(clone)
+            assert not hasattr(clone, "token_pruner")
+            assert all(not m._forward_hooks and not m._forward_pre_hooks for m in clone.modules())
+            assert all("_token_pruner" not in m.__dict__ for m in clone.modules())
+            assert all(m.config._attn_implementation != "timm_token_prune" for m in clone.modules() if hasattr(m, "config"))
+            assert torch.equal(main_output(clone(x)), expected_dense)
+            assert torch.equal(main_output(model(x)), expected_pruned)  # the original is still patched
+            assert ttp.last_stats(model).kept_mean[-1] < ttp.last_stats(model).tokens
+        ttp.unpatch_model(model)
+        assert torch.equal(main_output(model(x)), expected_dense)

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapters import ADAPTERS, find_adapter
+from .adapters import find_adapter, patched_adapter, supported_models, wrapper_hint
 from .batches import split_batch
 from .config import PruneConfig
 from .errors import AlreadyPatchedError, NotPatchedError, UnsupportedModelError
@@ -39,8 +39,8 @@ def patch_model(model: nn.Module, budget: float = 0.65, *, config: PruneConfig |
         )
     adapter = find_adapter(model)
     if adapter is None:
-        supported = "; ".join(a.SUPPORTED for a in ADAPTERS)
-        raise UnsupportedModelError(f"cannot patch {type(model).__name__}: no adapter knows it. Supported: {supported}.")
+        reason = wrapper_hint(model) or "no adapter knows it"
+        raise UnsupportedModelError(f"cannot patch {type(model).__name__}: {reason}. Supported: {supported_models()}.")
     locations = adapter.check(model, config)
     pruner = adapter.patch(model, config, locations)
     pruner.train(model.training)  # a new module starts in train mode; follow the model's
@@ -49,8 +49,8 @@ def patch_model(model: nn.Module, budget: float = 0.65, *, config: PruneConfig |
 
 def unpatch_model(model: nn.Module) -> nn.Module:
     """Restore the original modules (the thresholds are removed) and return the same object."""
-    get_pruner(model)
-    find_adapter(model).unpatch(model)
+    adapter, _ = patched_adapter(model, "unpatch")
+    adapter.unpatch(model)
     return model
 
 

@@ -4,12 +4,20 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
+from pathlib import Path
+
+
+class CommandError(Exception):
+    """A mistake in the command line: printed as one line, exit status 2."""
 
 
 def _demo(args: argparse.Namespace) -> int:
     from .benchmark import compare, format_table
 
+    _check_model_name(args.model)
     print(f"Building {args.model} (random weights, offline), patching it at budget {args.budget}, calibrating...")
     results = compare(args.model, args.budget, args.batch, args.repeats, args.threads)
     print(format_table(results))
@@ -21,13 +29,22 @@ def _benchmark(args: argparse.Namespace) -> int:
 
     from .benchmark import compare, format_table
 
+    _check_model_name(args.model)
     results = compare(args.model, args.budget, args.batch, args.repeats, args.threads,
                       static=args.static, compile=args.compile)
     print(format_table(results))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        _write_atomic(args.json, lambda path: Path(path).write_text(json.dumps(results, indent=2)))
     return 0
+
+
+def _check_model_name(name: str) -> None:
+    import timm
+
+    from .benchmark import HF_VIT_S
+
+    if name != HF_VIT_S and not timm.is_model(name):
+        raise CommandError(f"unknown model {name!r}: give a timm model name (timm.list_models()) or {HF_VIT_S}")
 
 
 def _load(source: str, budget: float, pretrained: bool):
@@ -35,61 +52,92 @@ def _load(source: str, budget: float, pretrained: bool):
     calibrated on random images."""
     import os
 
+    import timm
     import torch
 
+    from .adapters import patched_adapter
     from .api import calibrate, patch_model
     from .hub import from_pretrained
 
     if os.path.isdir(source) or "/" in source:
         return from_pretrained(source)
-    import timm
-
+    if not timm.is_model(source):
+        raise CommandError(
+            f"{source!r} is not a checkpoint folder, a Hub repo id (user/name) or a timm model name"
+        )
     model = timm.create_model(source, pretrained=pretrained).eval()
-    size = tuple(model.patch_embed.img_size)
     patch_model(model, budget=budget)
-    calibrate(model, [torch.randn(16, 3, *size) for _ in range(2)])
+    adapter, _ = patched_adapter(model)
+    calibrate(model, [torch.randn(16, *adapter.input_size(model)) for _ in range(2)])
     return model
 
 
-def _input_size(model) -> tuple[int, int]:
-    embed = getattr(model, "patch_embed", None)
-    if embed is not None:
-        return tuple(embed.img_size)
-    size = model.config.image_size
-    return (size, size) if isinstance(size, int) else tuple(size)
-
-
 def _visualize(args: argparse.Namespace) -> int:
-    import torch
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     from .api import calibrate, last_stats
-    from .visualize import visualize
+    from .visualize import prepare_image, visualize
 
+    out_format = _image_format(args.out)
+    try:
+        image = Image.open(args.image)
+        image.load()
+    except UnidentifiedImageError as error:
+        raise CommandError(f"{args.image} is not an image file that PIL can read") from error
     model = _load(args.model, args.budget, args.pretrained)
-    size = _input_size(model)
-    image = Image.open(args.image).convert("RGB").resize(size[::-1], Image.BICUBIC)
-    pixels = torch.tensor(list(image.getdata()), dtype=torch.float32).view(*size, 3).permute(2, 0, 1) / 255
-    pixels = (pixels - torch.tensor([0.485, 0.456, 0.406])[:, None, None]) / torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    pixels = prepare_image(model, image)
     if args.calibrate_on_image:
-        calibrate(model, [pixels[None]])
-    visualize(model, pixels).save(args.out)
+        calibrate(model, [pixels])
+    picture = visualize(model, pixels[0])
+    _write_atomic(args.out, lambda path: picture.save(path, format=out_format))
     print(f"wrote {args.out}; tokens entering the pruned stages: {last_stats(model).kept_mean}")
     return 0
+
+
+def _image_format(path: str) -> str:
+    from PIL import Image
+
+    fmt = Image.registered_extensions().get(Path(path).suffix.lower())
+    if fmt is None:
+        raise CommandError(f"--out {path}: not an image file name PIL can write (use .png or .jpg)")
+    return fmt
 
 
 def _export(args: argparse.Namespace) -> int:
     import torch
 
+    from .adapters import patched_adapter
+    from .api import last_stats
     from .export import export_onnx
     from .static import freeze
 
     model = _load(args.model, args.budget, args.pretrained)
-    size = _input_size(model)
-    stats = freeze(model, [torch.randn(16, 3, *size) for _ in range(2)])
-    path = export_onnx(model, args.onnx, torch.randn(1, 3, *size))
+    adapter, pruner = patched_adapter(model)
+    size = adapter.input_size(model)
+    batches = [torch.randn(16, *size) for _ in range(2)]
+    if pruner.fixed_counts:  # a checkpoint saved frozen
+        with torch.no_grad():
+            model.eval()(batches[0])
+        stats = last_stats(model)
+    else:
+        stats = freeze(model, batches)
+    path = export_onnx(model, args.onnx, torch.randn(1, *size))
     print(f"wrote {path}: static counts {stats.kept_mean} tokens per stage, {stats.gflops:.3f} GFLOPs per image")
     return 0
+
+
+def _write_atomic(path: str, write) -> None:
+    """`write(temporary path)`, then rename it to `path`: a failure never leaves a half-written file."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def _push(args: argparse.Namespace) -> int:
@@ -171,12 +219,12 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(["demo", *(argv if argv is not None else sys.argv[1:])])
     if hasattr(args, "budget") and not 0.0 < args.budget <= 1.0:
         parser.error(f"--budget must be in (0, 1], got {args.budget}")
-    from .errors import CheckpointError
+    from .errors import CheckpointError, NotPatchedError, UnsupportedModelError
 
     try:
         return args.run(args)
-    except (CheckpointError, FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (CommandError, CheckpointError, UnsupportedModelError, NotPatchedError, OSError, ValueError) as error:
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)  # one line, no traceback
         return 2
 
 

@@ -10,31 +10,49 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .api import get_pruner
+from .adapters import patched_adapter
 
 
-class _Logits(nn.Module):
-    """The model's class logits as a plain tensor (timm returns one; transformers returns an output object)."""
+class _Output(nn.Module):
+    """One plain tensor out: class logits (timm returns them; transformers wraps them in an output object),
+    or a feature model's pooled features."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, classifier: bool) -> None:
         super().__init__()
         self.model = model
+        self.classifier = classifier
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         from .batches import logits_of
 
-        return logits_of(self.model(pixel_values))
+        output = self.model(pixel_values)
+        if self.classifier or isinstance(output, torch.Tensor):
+            return logits_of(output)
+        for key in _FEATURES:
+            if getattr(output, key, None) is not None:
+                return getattr(output, key)
+        raise ValueError(
+            f"export_onnx exports class logits or pooled features; this {type(self.model).__name__} returns "
+            "neither: export a model with a classification head"
+        )
+
+
+_FEATURES = ("image_embeds", "pooler_output")  # what a transformers feature model's output is, in order
 
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, example: torch.Tensor, *, opset: int = 17) -> Path:
     """Export a frozen (static-shape) pruned model to ONNX with a dynamic batch dimension; input
-    "pixel_values", output "logits". Written to a temporary file, then renamed."""
-    pruner = get_pruner(model)
+    "pixel_values", output "logits" (a classifier) or "features" (the pooled features of a model without
+    a head). Written to a temporary file, then renamed."""
+    adapter, pruner = patched_adapter(model, "export")
     if not pruner.fixed_counts:
         raise ValueError(
             "ONNX needs static shapes: call timm_token_prune.freeze(model, batches) first "
             "(adaptive per-image token counts are data-dependent)"
         )
+    adapter.check_images(model, example)
+    classifier = adapter.is_classifier(model)
+    output_name = "logits" if classifier else "features"
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     was_training = model.training
@@ -46,9 +64,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example: torch.Tensor
             # the tracer warns about Python ints taken from shapes (token counts): fixed in static mode
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             torch.onnx.export(
-                _Logits(model), (example,), tmp, dynamo=False, opset_version=opset,
-                input_names=["pixel_values"], output_names=["logits"],
-                dynamic_axes={"pixel_values": {0: "batch"}, "logits": {0: "batch"}},
+                _Output(model, classifier), (example,), tmp, dynamo=False, opset_version=opset,
+                input_names=["pixel_values"], output_names=[output_name],
+                dynamic_axes={"pixel_values": {0: "batch"}, output_name: {0: "batch"}},
             )
         os.replace(tmp, path)
     finally:
@@ -56,3 +74,4 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example: torch.Tensor
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+

@@ -77,6 +77,7 @@ class TokenPruner(nn.Module):
             flops = dataclasses.replace(flops, merge_per_pair=flops.attn_per_pair // 2)
         self.flops = flops
         self.num_prefix_tokens = num_prefix_tokens
+        self.num_patches = num_patches  # at the model's default image size
         # with a class token (token 0) scores are its attention row; without, the mean attention received
         self.class_token = class_token
         stages = len(flops.locations)

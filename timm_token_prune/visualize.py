@@ -2,26 +2,58 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
-from .api import get_pruner
+from .adapters import patched_adapter
 
-_MEAN = torch.tensor([0.485, 0.456, 0.406])
-_STD = torch.tensor([0.229, 0.224, 0.225])
+
+def prepare_image(model: nn.Module, image) -> torch.Tensor:
+    """A PIL image as the model takes it: resized to its input size, scaled to [0, 1] and normalised with
+    its mean / std (timm's pretrained config; for transformers the family's, ImageNet's by default).
+    Returns a (1, C, H, W) float tensor."""
+    from PIL import Image
+
+    adapter, _ = patched_adapter(model, "visualize")
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"prepare_image expects a PIL image, got {type(image).__name__}")
+    channels, height, width = adapter.input_size(model)
+    mode = {1: "L", 3: "RGB"}.get(channels)
+    if mode is None:
+        raise ValueError(f"cannot turn a PIL image into the {channels} channels this model takes: pass a tensor")
+    image = image.convert(mode).resize((width, height), Image.BICUBIC)
+    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(height, width, channels)
+    mean, std = adapter.normalization(model)
+    pixels = pixels.permute(2, 0, 1).float() / 255
+    return ((pixels - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None])[None]
 
 
 @torch.no_grad()
-def visualize(model: nn.Module, image: torch.Tensor, *, mean=_MEAN, std=_STD, scale: int = 2):
-    """A PIL image: the (normalised, C x H x W or 1 x C x H x W) `image` shown once per pruning stage with
-    the patches pruned before that stage greyed out and the kept ones outlined, the kept count in each
-    panel's title."""
+def visualize(model: nn.Module, image, *, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+              scale: int = 2):
+    """A PIL image: `image` shown once per pruning stage with the patches pruned before that stage greyed
+    out and the kept ones outlined, the kept count in each panel's title.
+
+    `image` is a PIL image (resized and normalised for the model, see `prepare_image`) or a normalised
+    tensor (C, H, W) or (1, C, H, W); `mean` / `std` undo its normalisation for display (default: the
+    model's own)."""
     from PIL import Image, ImageDraw
 
-    pruner = get_pruner(model)
+    adapter, pruner = patched_adapter(model, "visualize")
+    if isinstance(image, Image.Image):
+        image = prepare_image(model, image)
+    if not isinstance(image, torch.Tensor):
+        raise TypeError(f"visualize takes a PIL image or an image tensor (C, H, W), got {type(image).__name__}")
     x = image[None] if image.ndim == 3 else image
     if x.ndim != 4 or x.shape[0] != 1:
         raise ValueError(f"visualize takes one image (C, H, W), got {tuple(image.shape)}")
+    adapter.check_images(model, x)
+    default_mean, default_std = adapter.normalization(model)
+    mean = default_mean if mean is None else mean
+    std = default_std if std is None else std
+    x = x.to(pruner.thresholds.device)
     was_training = model.training
     model.eval()
     try:

@@ -1,14 +1,40 @@
-"""One thin adapter per model zoo. Each module provides NAME, SUPPORTED, matches(model),
-check(model, config) -> locations (raises UnsupportedModelError), patch(model, config, locations)
--> TokenPruner, unpatch(model)."""
+"""One thin adapter per family of models, each an `Adapter` (see base.py for the contract) in a registry.
 
-from . import hf, timm, timm_beit, timm_eva
+`find_adapter(model)` picks the most specific registered adapter that matches; `register_adapter`
+adds one (a new family, or a replacement of a built-in one by name)."""
 
-ADAPTERS = (timm, timm_eva, timm_beit, hf)
+from .base import (
+    ADAPTERS,
+    Adapter,
+    adapter_for_zoo,
+    adapter_named,
+    find_adapter,
+    patched_adapter,
+    register_adapter,
+    supported_models,
+    wrapper_hint,
+)
+from .hf import TransformersAdapter
+from .timm import TimmAdapter, VisionTransformerAdapter
+from .timm_beit import BeitAdapter
+from .timm_eva import EvaAdapter
 
+for _adapter in (VisionTransformerAdapter(), EvaAdapter(), BeitAdapter(), TransformersAdapter()):
+    register_adapter(_adapter)
 
-def find_adapter(model):
-    for adapter in ADAPTERS:
-        if adapter.matches(model):
-            return adapter
-    return None
+__all__ = [
+    "ADAPTERS",
+    "Adapter",
+    "BeitAdapter",
+    "EvaAdapter",
+    "TimmAdapter",
+    "TransformersAdapter",
+    "VisionTransformerAdapter",
+    "adapter_for_zoo",
+    "adapter_named",
+    "find_adapter",
+    "patched_adapter",
+    "register_adapter",
+    "supported_models",
+    "wrapper_hint",
+]

@@ -7,7 +7,7 @@ No class of the model is replaced (a renamed `PreTrainedModel` would lose its ch
 - forward hooks: the base model's pre-hook starts a forward, each scoring layer's hook prunes its
   output, the last layer's hook unpacks a packed batch; Dinov2's classifier (class token + mean of
   patch tokens) gets the mean over kept tokens only; SigLIP's attention-pooling head gets a key
-  padding mask of the kept tokens.
+  padding mask of the kept tokens. Their handles live on the pruner; unpatch removes them.
 """
 
 from __future__ import annotations
@@ -15,25 +15,23 @@ from __future__ import annotations
 import copy
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from .. import core
 from ..config import PruneConfig
-from ..errors import UnsupportedModelError
-from ..flops import FlopsModel, linear_macs
+from ..errors import CheckpointError, UnsupportedModelError
+from ..flops import linear_macs
 from ..locations import resolve_locations
 from ..pruner import TokenPruner
+from .base import IMAGENET_MEAN, IMAGENET_STD, Adapter
+from .shared import check_pixels, new_pruner, pruned_layers
 
-NAME = "transformers"
 ATTN_IMPLEMENTATION = "timm_token_prune"
-SUPPORTED = (
-    "transformers ViTModel / ViTForImageClassification, DeiTModel / DeiTForImageClassification(WithTeacher), "
-    "Dinov2Model / Dinov2ForImageClassification, Dinov2WithRegisters*, ViTMSN*, CLIPVisionModel / "
-    "CLIPVisionModelWithProjection / CLIPForImageClassification, SiglipVisionModel / SiglipForImageClassification"
-)
 _ADDED = ("_token_pruner", "_prune_stage", "_token_prune_config", "_token_prune_fallback")
+_HANDLES = "_token_prune_hooks"  # on the pruner: the RemovableHandles of the hooks patch registered
 
 
 @dataclass(frozen=True)
@@ -64,6 +62,11 @@ _MEAN_POOL_SOURCE = {
     "CLIPForImageClassification": None,  # averages the last layer's output
     "SiglipForImageClassification": "vision_model.post_layernorm",
 }
+# base model -> (mean, std) its checkpoints are trained with, when not ImageNet's
+_NORMALIZATION = {
+    "CLIPVisionModel": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+    "SiglipVisionModel": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
 _REASONS = {
     "BeitModel": "its relative position bias is folded into the attention mask inside each layer",
     "Data2VecVisionModel": "its relative position bias is folded into the attention mask inside each layer",
@@ -72,13 +75,94 @@ _REASONS = {
 }
 
 
-def _is_transformers_model(model: nn.Module) -> bool:
-    transformers = sys.modules.get("transformers")
-    return transformers is not None and isinstance(model, transformers.PreTrainedModel)
+class TransformersAdapter(Adapter):
+    name = "transformers"
+    zoo = "transformers"
+    supported = (
+        "transformers ViTModel / ViTForImageClassification, DeiTModel / DeiTForImageClassification(WithTeacher), "
+        "Dinov2Model / Dinov2ForImageClassification, Dinov2WithRegisters*, ViTMSN*, CLIPVisionModel / "
+        "CLIPVisionModelWithProjection / CLIPForImageClassification, SiglipVisionModel / SiglipForImageClassification"
+    )
 
+    def model_classes(self) -> tuple[type, ...]:
+        transformers = sys.modules.get("transformers")  # a transformers model has imported it
+        return () if transformers is None else (transformers.PreTrainedModel,)
 
-def matches(model: nn.Module) -> bool:
-    return _is_transformers_model(model)
+    def check(self, model: nn.Module, config: PruneConfig) -> tuple[int, ...]:
+        name = type(model).__name__
+        base = _base(model)
+        if base is None or name in _REASONS:
+            reason = _REASONS.get(name) or next(
+                (_REASONS[type(c).__name__] for c in model.children() if type(c).__name__ in _REASONS),
+                "no supported vision transformer inside it",
+            )
+            raise UnsupportedModelError(f"cannot patch {name}: {reason}. Supported: {self.supported}.")
+        layers = _get(base, _FAMILIES[type(base).__name__].layers)
+        if len({linear_macs(layer) for layer in layers}) > 1:
+            raise UnsupportedModelError(f"cannot patch {name}: its layers differ in width. Supported: {self.supported}.")
+        if getattr(base.config, "output_hidden_states", False) or getattr(base.config, "output_attentions", False):
+            raise UnsupportedModelError(
+                f"cannot patch {name}: its config asks for output_hidden_states / output_attentions, whose shapes "
+                "token pruning changes; set them to False"
+            )
+        return resolve_locations(config.prune_locations, len(layers), name)
+
+    def patch(self, model: nn.Module, config: PruneConfig, locations: tuple[int, ...]) -> TokenPruner:
+        return _patch(model, config, locations)
+
+    def unpatch(self, model: nn.Module) -> None:
+        for handle in model.token_pruner.__dict__.get(_HANDLES, ()):
+            handle.remove()
+        for module in model.modules():
+            original = module.__dict__.get("_token_prune_config")
+            if original is not None:
+                module.config = original
+            for name in _ADDED:
+                module.__dict__.pop(name, None)
+        del model.token_pruner
+
+    def save_dense(self, model: nn.Module, folder: Path, state_dict: dict, model_args: dict | None) -> None:
+        if model_args is not None:
+            raise ValueError("model_args is for timm models; a transformers model records its config in config.json")
+        model.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
+
+    def load_dense(self, folder: Path, name: str) -> nn.Module:
+        import transformers
+
+        config = transformers.AutoConfig.from_pretrained(folder)
+        architectures = getattr(config, "architectures", None) or []
+        cls = getattr(transformers, architectures[0], None) if architectures else None
+        if cls is None:
+            raise CheckpointError(f"{name}: config.json names no transformers architecture ({architectures})")
+        model, info = cls.from_pretrained(folder, use_safetensors=True, output_loading_info=True)
+        problems = {k: v for k, v in info.items() if k in ("missing_keys", "mismatched_keys", "unexpected_keys") and v}
+        if problems:
+            raise CheckpointError(f"{name}: the weights do not fit {cls.__name__}: {problems}")
+        return model
+
+    def architecture(self, model: nn.Module) -> str:
+        return type(model).__name__
+
+    def base_model(self, model: nn.Module) -> str | None:
+        name = getattr(model.config, "_name_or_path", "") or ""
+        return name if name and not Path(name).exists() else None
+
+    def is_classifier(self, model: nn.Module) -> bool:
+        return "ForImageClassification" in type(model).__name__  # ...WithTeacher has two heads, no .classifier
+
+    def input_size(self, model: nn.Module) -> tuple[int, int, int]:
+        config = _base(model).config
+        size = config.image_size
+        return (config.num_channels, *((size, size) if isinstance(size, int) else size))
+
+    def normalization(self, model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        base = _base(model)
+        mean, std = _NORMALIZATION.get(type(base).__name__, (IMAGENET_MEAN, IMAGENET_STD))
+        config = base.config
+        return tuple(getattr(config, "image_mean", None) or mean), tuple(getattr(config, "image_std", None) or std)
+
+    def check_images(self, model: nn.Module, images: torch.Tensor) -> None:
+        check_pixels(images, _base(model).config.num_channels, "pixel_values")
 
 
 def _base(model: nn.Module) -> nn.Module | None:
@@ -96,98 +180,61 @@ def _get(module: nn.Module, path: str):
     return module
 
 
-def check(model: nn.Module, config: PruneConfig) -> tuple[int, ...]:
-    name = type(model).__name__
-    base = _base(model)
-    if base is None or name in _REASONS:
-        reason = _REASONS.get(name) or next(
-            (_REASONS[type(c).__name__] for c in model.children() if type(c).__name__ in _REASONS),
-            "no supported vision transformer inside it",
-        )
-        raise UnsupportedModelError(f"cannot patch {name}: {reason}. Supported: {SUPPORTED}.")
-    layers = _get(base, _FAMILIES[type(base).__name__].layers)
-    if len({linear_macs(layer) for layer in layers}) > 1:
-        raise UnsupportedModelError(f"cannot patch {name}: its layers differ in width. Supported: {SUPPORTED}.")
-    if getattr(base.config, "output_hidden_states", False) or getattr(base.config, "output_attentions", False):
-        raise UnsupportedModelError(
-            f"cannot patch {name}: its config asks for output_hidden_states / output_attentions, whose shapes "
-            "token pruning changes; set them to False"
-        )
-    return resolve_locations(config.prune_locations, len(layers), name)
-
-
-def patch(model: nn.Module, config: PruneConfig, locations: tuple[int, ...]) -> TokenPruner:
+def _patch(model: nn.Module, config: PruneConfig, locations: tuple[int, ...]) -> TokenPruner:
     _register_attention()
     base = _base(model)
     family = _FAMILIES[type(base).__name__]
     layers = _get(base, family.layers)
     attn = getattr(layers[0], family.attention)
-    conv = _get(base, family.conv)
     heads = getattr(attn, "num_attention_heads", None) or attn.num_heads
-    attn_dim = heads * attn.head_dim
     pool = getattr(getattr(base, "head", None), "attention", None)  # SigLIP's attention pooling
     pool_kv = 0 if pool is None else 2 * pool.embed_dim * pool.kdim  # its key / value projections, per token
-    flops = FlopsModel(
-        embed_per_patch=conv.out_channels * conv.in_channels // conv.groups * conv.kernel_size[0] * conv.kernel_size[1],
-        head=linear_macs(model) - sum(linear_macs(layer) for layer in layers) + pool_kv // 2,
-        linear_per_token=linear_macs(layers[0]),
-        attn_per_pair=2 * attn_dim,
-        score_per_token=attn_dim if family.class_token else 0,
-        score_per_pair=0 if family.class_token else attn_dim,
-        pool_per_token=pool_kv,
-        depth=len(layers),
-        locations=locations,
-    )
     prefix = int(family.class_token) + int(family.distillation)
     prefix += base.config.num_register_tokens if family.registers else 0
     image, patch_size = base.config.image_size, base.config.patch_size
-    num_patches = (image // patch_size) ** 2 if isinstance(image, int) else 196
-    pruner = TokenPruner(config, flops, prefix, num_patches, class_token=family.class_token)
+    pruner = new_pruner(
+        config,
+        locations,
+        patch_conv=_get(base, family.conv),
+        layers=layers,
+        head_macs=linear_macs(model) - sum(linear_macs(layer) for layer in layers) + pool_kv // 2,
+        attn_dim=heads * attn.head_dim,
+        class_token=family.class_token,
+        num_prefix_tokens=prefix,
+        num_patches=(image // patch_size) ** 2 if isinstance(image, int) else 196,
+        pool_per_token=pool_kv,
+    )
     fallback = base.config._attn_implementation or "eager"
-    scoring = {loc - 1: stage for stage, loc in enumerate(locations)}
-    for index, layer in enumerate(layers):
-        if index < locations[0] - 1:
-            continue
+    handles = []
+    for _, layer, stage in pruned_layers(layers, locations):
         attention = getattr(layer, family.attention)
         own = copy.copy(attention.config)
         own._attn_implementation = ATTN_IMPLEMENTATION
-        _set(attention, _token_pruner=pruner, _prune_stage=scoring.get(index), _token_prune_fallback=fallback)
+        _set(attention, _token_pruner=pruner, _prune_stage=stage, _token_prune_fallback=fallback)
         _set(attention, _token_prune_config=attention.config)
         attention.config = own
-        if index in scoring:
-            _set(layer, _token_pruner=pruner, _prune_stage=scoring[index])
-            layer.register_forward_hook(_prune_output)
+        if stage is not None:
+            _set(layer, _token_pruner=pruner, _prune_stage=stage)
+            handles.append(layer.register_forward_hook(_prune_output))
     _set(layers[-1], _token_pruner=pruner)
-    layers[-1].register_forward_hook(_unpack_output)
+    handles.append(layers[-1].register_forward_hook(_unpack_output))
     _set(base, _token_pruner=pruner)
-    base.register_forward_pre_hook(_begin_forward, with_kwargs=True)
+    handles.append(base.register_forward_pre_hook(_begin_forward, with_kwargs=True))
     if type(model).__name__ in _MEAN_POOL_SOURCE:
         source = _MEAN_POOL_SOURCE[type(model).__name__]
         source = _get(model, source) if source else layers[-1]
         _set(source, _token_pruner=pruner)
-        source.register_forward_hook(_keep_pool_source)
+        handles.append(source.register_forward_hook(_keep_pool_source))
         _set(model.classifier, _token_pruner=pruner)
-        model.classifier.register_forward_pre_hook(_mean_over_kept_tokens)
+        handles.append(model.classifier.register_forward_pre_hook(_mean_over_kept_tokens))
     if pool is not None:
         _set(pool, _token_pruner=pruner)
-        pool.register_forward_pre_hook(_pool_kept_keys, with_kwargs=True)
+        handles.append(pool.register_forward_pre_hook(_pool_kept_keys, with_kwargs=True))
+    # a plain attribute: copies and pickles of the model carry the handles along with the hook dicts they
+    # point to, so unpatching a copy removes the copy's hooks
+    _set(pruner, **{_HANDLES: handles})
     model.add_module("token_pruner", pruner)
     return pruner
-
-
-def unpatch(model: nn.Module) -> None:
-    for module in model.modules():
-        for hooks in (module._forward_hooks, module._forward_pre_hooks):
-            for key in [k for k, hook in hooks.items() if hook in _HOOKS]:
-                del hooks[key]
-                module._forward_hooks_with_kwargs.pop(key, None)
-                module._forward_pre_hooks_with_kwargs.pop(key, None)
-        original = module.__dict__.get("_token_prune_config")
-        if original is not None:
-            module.config = original
-        for name in _ADDED:
-            module.__dict__.pop(name, None)
-    del model.token_pruner
 
 
 def _set(module: nn.Module, **attributes) -> None:
@@ -205,11 +252,7 @@ def _begin_forward(module: nn.Module, args: tuple, kwargs: dict) -> None:
             )
     if kwargs.get("attention_mask") is not None or kwargs.get("bool_masked_pos") is not None:
         raise NotImplementedError("attention_mask / bool_masked_pos cannot be combined with token pruning")
-    pixels = args[0] if args else kwargs.get("pixel_values")
-    channels = module.config.num_channels
-    if not isinstance(pixels, torch.Tensor) or pixels.ndim != 4 or pixels.shape[1] != channels:
-        shape = tuple(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__
-        raise ValueError(f"expected pixel_values of shape (B, {channels}, H, W), got {shape}")
+    check_pixels(args[0] if args else kwargs.get("pixel_values"), module.config.num_channels, "pixel_values")
     _register_attention()  # a model unpickled in a new process
     module._token_pruner.begin()
 
@@ -248,9 +291,6 @@ def _pool_kept_keys(module: nn.Module, args: tuple, kwargs: dict):
     return args, {**kwargs, "key_padding_mask": core.key_weights_bias(weights, args[0].dtype)[:, 0, 0]}
 
 
-_HOOKS = (_begin_forward, _prune_output, _unpack_output, _keep_pool_source, _mean_over_kept_tokens, _pool_kept_keys)
-
-
 # ---- the attention implementation ---------------------------------------------------------------
 def _token_prune_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """An `AttentionInterface` function: q, k, v are (B, H, N, hd); returns ((B, N, H, hd), None)."""
@@ -264,13 +304,20 @@ def _token_prune_attention(module, query, key, value, attention_mask, scaling=No
     q, k, v = (_unpack_heads(pruner, t) for t in (query, key, value))
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
     context = pruner.attention(q, k, v, scale=scale, dropout_p=dropout, stage=stage)
-    out = pruner.pack(context.transpose(1, 2).flatten(2))
-    return out.unflatten(-1, (heads, -1)), None
+    out = pruner.pack(_merge_heads(context))
+    return out.reshape(*out.shape[:2], heads, -1), None
 
 
 def _unpack_heads(pruner: TokenPruner, t: torch.Tensor) -> torch.Tensor:
     heads = t.shape[1]
-    return pruner.unpack(t.transpose(1, 2).flatten(2)).unflatten(-1, (heads, -1)).transpose(1, 2)
+    t = pruner.unpack(_merge_heads(t))
+    return t.reshape(*t.shape[:2], heads, -1).transpose(1, 2)
+
+
+def _merge_heads(t: torch.Tensor) -> torch.Tensor:
+    """(B, H, N, hd) -> (B, N, H hd). reshape with traced sizes, not flatten / unflatten: their ONNX export
+    bakes in the example's batch size."""
+    return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], -1)
 
 
 def _fallback(module):

@@ -1,7 +1,11 @@
-"""timm adapter: `VisionTransformer` (and `VisionTransformerDistilled`) built from the standard
-`Block` / `Attention`. It knows timm's module names; the pruning itself lives in `TokenPruner`."""
+"""timm adapters: `TimmAdapter` (what every timm family shares: timm's checkpoints, input size and
+normalisation) and the `VisionTransformer` (and `VisionTransformerDistilled`) adapter for models built
+from the standard `Block` / `Attention`. It knows timm's module names; the pruning itself lives in
+`TokenPruner`."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -9,51 +13,128 @@ from torch import nn
 
 from .. import core
 from ..config import PruneConfig
-from ..errors import UnsupportedModelError
-from ..flops import FlopsModel, linear_macs
+from ..errors import CheckpointError, UnsupportedModelError
+from ..flops import linear_macs
 from ..locations import resolve_locations
 from ..pruner import TokenPruner
 from ..swap import restore_class, swap_class
+from .base import IMAGENET_MEAN, IMAGENET_STD, Adapter
+from .shared import check_pixels, pruned_layers
+from .shared import new_pruner as _new_pruner
 
 try:
     from timm.layers.pos_embed_sincos import apply_rot_embed_cat
 except ImportError:  # timm not installed
     apply_rot_embed_cat = None
 
-NAME = "timm"
-SUPPORTED = (
-    "timm VisionTransformer / VisionTransformerDistilled (vit_*, deit_*, deit3_*, register-token, "
-    "LayerScale and class-token-free models such as dinov2 or vit_*_gap / siglip) with global_pool "
-    "'token', 'avg', 'max', 'avgmax' or 'map', and blocks of the standard timm.layers Block (or ResPostBlock) "
-    "with Attention"
-)
 POOLS = ("token", "avg", "max", "avgmax", "map")
 ADDED = ("_token_pruner", "_prune_stage")
+WEIGHTS_NAME = "model.safetensors"
 
 
 def _timm():
     try:
         from timm.layers import Attention
-        from timm.models.vision_transformer import Block, ResPostBlock, VisionTransformer
+        from timm.models.vision_transformer import (
+            Block,
+            ResPostBlock,
+            VisionTransformer,
+        )
     except ImportError:  # timm not installed: this adapter matches nothing
         return None
     return VisionTransformer, (Block, ResPostBlock), Attention
 
 
-def matches(model: nn.Module) -> bool:
-    classes = _timm()
-    return classes is not None and isinstance(model, classes[0])
+class TimmAdapter(Adapter):
+    """A family of timm models: saved and rebuilt by timm (`local-dir:` / `hf-hub:`), patched by swapping
+    the classes of its blocks, attentions and model."""
+
+    zoo = "timm"
+
+    def unpatch(self, model: nn.Module) -> None:
+        for block in model.blocks:
+            restore_class(block.attn, *ADDED)
+            restore_class(block, *ADDED)
+        del model.token_pruner
+        restore_class(model)
+
+    def save_dense(self, model: nn.Module, folder: Path, state_dict: dict, model_args: dict | None) -> None:
+        from safetensors.torch import save_file
+        from timm.models._hub import save_config_for_hf
+
+        if getattr(model, "pretrained_cfg", None) is None:
+            raise ValueError(
+                f"cannot save this {_base_class(model).__name__}: it was not built by timm.create_model, so timm "
+                "cannot record how to rebuild it; build it with timm.create_model(name, ...) and load its weights"
+            )
+        save_file({k: v.contiguous() for k, v in state_dict.items()}, Path(folder) / WEIGHTS_NAME)
+        save_config_for_hf(model, Path(folder) / "config.json", model_args=model_args)
+
+    def load_dense(self, folder: Path, name: str) -> nn.Module:
+        import timm
+
+        if not (Path(folder) / WEIGHTS_NAME).is_file():
+            raise CheckpointError(f"{name}: no {WEIGHTS_NAME}")
+        return timm.create_model(f"local-dir:{folder}", pretrained=True)
+
+    def architecture(self, model: nn.Module) -> str:
+        return (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or _base_class(model).__name__
+
+    def base_model(self, model: nn.Module) -> str | None:
+        return (getattr(model, "pretrained_cfg", None) or {}).get("hf_hub_id") or None
+
+    def is_classifier(self, model: nn.Module) -> bool:
+        return model.num_classes > 0
+
+    def input_size(self, model: nn.Module) -> tuple[int, int, int]:
+        channels = model.patch_embed.proj.in_channels
+        size = getattr(model.patch_embed, "img_size", None)
+        if size is None:  # dynamic size without a default: the pretrained one
+            size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (channels, 224, 224))[-2:]
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        return (channels, *size)
+
+    def normalization(self, model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        return tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
+
+    def check_images(self, model: nn.Module, images: torch.Tensor) -> None:
+        check_images(model, images)
 
 
-def check(model: nn.Module, config: PruneConfig) -> tuple[int, ...]:
-    """Raise `UnsupportedModelError` unless the model can be patched; return the pruning locations."""
-    _, blocks, Attention = _timm()
-    reasons = pool_problems(model)
-    if not isinstance(model.blocks, nn.Sequential):
-        reasons.append(f"model.blocks is a {type(model.blocks).__name__}, not an nn.Sequential")
-    else:
-        reasons += block_problems(model, blocks, (Attention,), "the standard Block / Attention")
-    return checked_locations(model, config, reasons, SUPPORTED)
+class VisionTransformerAdapter(TimmAdapter):
+    name = "timm"
+    supported = (
+        "timm VisionTransformer / VisionTransformerDistilled (vit_*, deit_*, deit3_*, register-token, "
+        "LayerScale and class-token-free models such as dinov2 or vit_*_gap / siglip) with global_pool "
+        "'token', 'avg', 'max', 'avgmax' or 'map', and blocks of the standard timm.layers Block (or "
+        "ResPostBlock) with Attention"
+    )
+
+    def model_classes(self) -> tuple[type, ...]:
+        classes = _timm()
+        return () if classes is None else (classes[0],)
+
+    def check(self, model: nn.Module, config: PruneConfig) -> tuple[int, ...]:
+        _, blocks, Attention = _timm()
+        reasons = pool_problems(model)
+        if not isinstance(model.blocks, nn.Sequential):
+            reasons.append(f"model.blocks is a {type(model.blocks).__name__}, not an nn.Sequential")
+        else:
+            reasons += block_problems(model, blocks, (Attention,), "the standard Block / Attention")
+        return checked_locations(model, config, reasons, self.supported)
+
+    def patch(self, model: nn.Module, config: PruneConfig, locations: tuple[int, ...]) -> TokenPruner:
+        attn = model.blocks[0].attn
+        pruner = new_pruner(model, config, locations, attn_dim=attn.num_heads * attn.head_dim)
+        swap_blocks(model, pruner, PruningAttention)
+        swap_class(model, _PrunedVisionTransformer)
+        return pruner
+
+
+def _base_class(model: nn.Module) -> type:
+    """The model's own class (not the generated Pruned<Base> of a patched model)."""
+    return getattr(type(model), "_token_prune_base", type(model))
 
 
 def block_problems(model: nn.Module, blocks: tuple[type, ...], attentions: tuple[type, ...], expected: str) -> list[str]:
@@ -75,35 +156,14 @@ def checked_locations(model: nn.Module, config: PruneConfig, reasons: list[str],
     return resolve_locations(config.prune_locations, len(model.blocks), name)
 
 
-def patch(model: nn.Module, config: PruneConfig, locations: tuple[int, ...]) -> TokenPruner:
-    attn = model.blocks[0].attn
-    pruner = new_pruner(model, config, locations, attn_dim=attn.num_heads * attn.head_dim)
-    swap_blocks(model, pruner, PruningAttention)
-    swap_class(model, _PrunedVisionTransformer)
-    return pruner
-
-
 def swap_blocks(model: nn.Module, pruner: TokenPruner, attention: type) -> None:
     """Swap the attention of every block from the first scoring one on (mixin `attention`), make the scoring
     blocks prune their output, and attach the pruner."""
-    locations = pruner.locations
-    scoring = {loc - 1: stage for stage, loc in enumerate(locations)}
-    for index, block in enumerate(model.blocks):
-        if index < locations[0] - 1:
-            continue
-        stage = scoring.get(index)
+    for _, block, stage in pruned_layers(model.blocks, pruner.locations):
         swap_class(block.attn, attention, _token_pruner=pruner, _prune_stage=stage)
         if stage is not None:
             swap_class(block, _ScoringBlock, _token_pruner=pruner, _prune_stage=stage)
     model.add_module("token_pruner", pruner)
-
-
-def unpatch(model: nn.Module) -> None:
-    for block in model.blocks:
-        restore_class(block.attn, *ADDED)
-        restore_class(block, *ADDED)
-    del model.token_pruner
-    restore_class(model)
 
 
 class PrunedModel:
@@ -208,23 +268,21 @@ def pool_problems(model: nn.Module) -> list[str]:
 
 def new_pruner(model: nn.Module, config: PruneConfig, locations: tuple[int, ...], attn_dim: int) -> TokenPruner:
     """The `TokenPruner` of a timm ViT: its FLOPs model, prefix tokens and kind of score."""
-    conv = model.patch_embed.proj
-    class_token = getattr(model, "cls_token", None) is not None
     attn_pool = getattr(model, "attn_pool", None)
     pool_macs = 0 if attn_pool is None else linear_macs(attn_pool.kv)
-    flops = FlopsModel(
-        embed_per_patch=conv.out_channels * conv.in_channels // conv.groups * conv.kernel_size[0] * conv.kernel_size[1],
-        head=linear_macs(model.head) + linear_macs(getattr(model, "head_dist", nn.Identity()))
-        + (0 if attn_pool is None else linear_macs(attn_pool) - pool_macs),
-        linear_per_token=linear_macs(model.blocks[0]),
-        attn_per_pair=2 * attn_dim,
-        score_per_token=attn_dim if class_token else 0,
-        score_per_pair=0 if class_token else attn_dim,
+    head = linear_macs(model.head) + linear_macs(getattr(model, "head_dist", nn.Identity()))
+    return _new_pruner(
+        config,
+        locations,
+        patch_conv=model.patch_embed.proj,
+        layers=model.blocks,
+        head_macs=head + (0 if attn_pool is None else linear_macs(attn_pool) - pool_macs),
+        attn_dim=attn_dim,
+        class_token=getattr(model, "cls_token", None) is not None,
+        num_prefix_tokens=model.num_prefix_tokens,
+        num_patches=model.patch_embed.num_patches,
         pool_per_token=pool_macs,
-        depth=len(model.blocks),
-        locations=locations,
     )
-    return TokenPruner(config, flops, model.num_prefix_tokens, model.patch_embed.num_patches, class_token=class_token)
 
 
 def pool_kept(model: nn.Module, x: torch.Tensor, weights: torch.Tensor, pool_type: str, include_prefix: bool):
@@ -245,10 +303,7 @@ def pool_kept(model: nn.Module, x: torch.Tensor, weights: torch.Tensor, pool_typ
 
 def check_images(model: nn.Module, x: torch.Tensor) -> None:
     embed = model.patch_embed
-    channels = embed.proj.in_channels
-    if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != channels:
-        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"expected a batch of images of shape (B, {channels}, H, W), got {shape}")
+    check_pixels(x, embed.proj.in_channels, "a batch of images")
     size = tuple(x.shape[-2:])
     if getattr(embed, "strict_img_size", False) and not getattr(model, "dynamic_img_size", False):
         if embed.img_size is not None and size != tuple(embed.img_size):

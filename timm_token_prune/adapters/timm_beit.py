@@ -11,8 +11,6 @@ from ..pruner import TokenPruner
 from ..swap import swap_class
 from . import timm as timm_adapter
 
-NAME = "timm-beit"
-SUPPORTED = "timm Beit (beit_*, beitv2_*) with its Block / Attention and global_pool 'avg' or 'token'"
 _POOLS = ("avg", "token")
 
 
@@ -24,30 +22,28 @@ def _beit():
     return Beit, Block, Attention
 
 
-def matches(model: nn.Module) -> bool:
-    classes = _beit()
-    return classes is not None and isinstance(model, classes[0])
+class BeitAdapter(timm_adapter.TimmAdapter):
+    name = "timm-beit"
+    supported = "timm Beit (beit_*, beitv2_*) with its Block / Attention and global_pool 'avg' or 'token'"
 
+    def model_classes(self) -> tuple[type, ...]:
+        classes = _beit()
+        return () if classes is None else (classes[0],)
 
-def check(model: nn.Module, config: PruneConfig) -> tuple[int, ...]:
-    """Raise `UnsupportedModelError` unless the model can be patched; return the pruning locations."""
-    _, Block, Attention = _beit()
-    reasons = []
-    if model.global_pool not in _POOLS:
-        reasons.append(f"global_pool={model.global_pool!r} returns every token; supported: {_POOLS}")
-    reasons += timm_adapter.block_problems(model, (Block,), (Attention,), "beit's Block / Attention")
-    return timm_adapter.checked_locations(model, config, reasons, SUPPORTED)
+    def check(self, model: nn.Module, config: PruneConfig) -> tuple[int, ...]:
+        _, Block, Attention = _beit()
+        reasons = []
+        if model.global_pool not in _POOLS:
+            reasons.append(f"global_pool={model.global_pool!r} returns every token; supported: {_POOLS}")
+        reasons += timm_adapter.block_problems(model, (Block,), (Attention,), "beit's Block / Attention")
+        return timm_adapter.checked_locations(model, config, reasons, self.supported)
 
-
-def patch(model: nn.Module, config: PruneConfig, locations: tuple[int, ...]) -> TokenPruner:
-    attn = model.blocks[0].attn
-    pruner = timm_adapter.new_pruner(model, config, locations, attn_dim=attn.qkv.out_features // 3)
-    timm_adapter.swap_blocks(model, pruner, _PrunedBeitAttention)
-    swap_class(model, _PrunedBeit)
-    return pruner
-
-
-unpatch = timm_adapter.unpatch
+    def patch(self, model: nn.Module, config: PruneConfig, locations: tuple[int, ...]) -> TokenPruner:
+        attn = model.blocks[0].attn
+        pruner = timm_adapter.new_pruner(model, config, locations, attn_dim=attn.qkv.out_features // 3)
+        timm_adapter.swap_blocks(model, pruner, _PrunedBeitAttention)
+        swap_class(model, _PrunedBeit)
+        return pruner
 
 
 class _PrunedBeit(timm_adapter.PrunedModel):

@@ -12,13 +12,6 @@ from ..pruner import TokenPruner
 from ..swap import swap_class
 from . import timm as timm_adapter
 
-NAME = "timm-eva"
-SUPPORTED = (
-    "timm Eva (eva02_*, eva_giant_*, vit_*rope*, dinov3 and other eva-built models) with EvaBlock / "
-    "EvaBlockPostNorm and EvaAttention / AttentionRope, rotary embeddings or none, any global_pool of "
-    f"{timm_adapter.POOLS}"
-)
-
 
 def _eva():
     try:
@@ -29,30 +22,32 @@ def _eva():
     return Eva, (EvaBlock, EvaBlockPostNorm), (EvaAttention, AttentionRope)
 
 
-def matches(model: nn.Module) -> bool:
-    classes = _eva()
-    return classes is not None and isinstance(model, classes[0])
+class EvaAdapter(timm_adapter.TimmAdapter):
+    name = "timm-eva"
+    supported = (
+        "timm Eva (eva02_*, eva_giant_*, vit_*rope*, dinov3 and other eva-built models) with EvaBlock / "
+        "EvaBlockPostNorm and EvaAttention / AttentionRope, rotary embeddings or none, any global_pool of "
+        f"{timm_adapter.POOLS}"
+    )
 
+    def model_classes(self) -> tuple[type, ...]:
+        classes = _eva()
+        return () if classes is None else (classes[0],)
 
-def check(model: nn.Module, config: PruneConfig) -> tuple[int, ...]:
-    """Raise `UnsupportedModelError` unless the model can be patched; return the pruning locations."""
-    _, blocks, attentions = _eva()
-    reasons = timm_adapter.pool_problems(model)
-    reasons += timm_adapter.block_problems(model, blocks, attentions, "EvaBlock / EvaAttention / AttentionRope")
-    if not reasons and any(b.attn.num_prefix_tokens != model.num_prefix_tokens for b in model.blocks):
-        reasons.append("its attentions' num_prefix_tokens differ from the model's")
-    return timm_adapter.checked_locations(model, config, reasons, SUPPORTED)
+    def check(self, model: nn.Module, config: PruneConfig) -> tuple[int, ...]:
+        _, blocks, attentions = _eva()
+        reasons = timm_adapter.pool_problems(model)
+        reasons += timm_adapter.block_problems(model, blocks, attentions, "EvaBlock / EvaAttention / AttentionRope")
+        if not reasons and any(b.attn.num_prefix_tokens != model.num_prefix_tokens for b in model.blocks):
+            reasons.append("its attentions' num_prefix_tokens differ from the model's")
+        return timm_adapter.checked_locations(model, config, reasons, self.supported)
 
-
-def patch(model: nn.Module, config: PruneConfig, locations: tuple[int, ...]) -> TokenPruner:
-    attn = model.blocks[0].attn
-    pruner = timm_adapter.new_pruner(model, config, locations, attn_dim=attn.num_heads * attn.head_dim)
-    timm_adapter.swap_blocks(model, pruner, timm_adapter.PruningAttention)
-    swap_class(model, _PrunedEva)
-    return pruner
-
-
-unpatch = timm_adapter.unpatch
+    def patch(self, model: nn.Module, config: PruneConfig, locations: tuple[int, ...]) -> TokenPruner:
+        attn = model.blocks[0].attn
+        pruner = timm_adapter.new_pruner(model, config, locations, attn_dim=attn.num_heads * attn.head_dim)
+        timm_adapter.swap_blocks(model, pruner, timm_adapter.PruningAttention)
+        swap_class(model, _PrunedEva)
+        return pruner
 
 
 class _PrunedEva(timm_adapter.PrunedModel):
