@@ -166,6 +166,33 @@ def test_training_masks_give_the_same_output_as_dropping(case):
 
 
 # ---- training ------------------------------------------------------------------------------------
+def _train_step(model: torch.nn.Module, x: torch.Tensor, drop_in_training: bool):
+    """Loss and gradients of one training step of a copy of `model`, and whether tokens left its forward."""
+    model = copy.deepcopy(model).train()
+    pruner = ttp.get_pruner(model)
+    pruner.drop_in_training = drop_in_training
+    out = model(x)
+    logits = (out[0] + out[1]) / 2 if isinstance(out, tuple) else out
+    loss = F.cross_entropy(logits, torch.arange(len(x)) % 10) + 2.0 * ttp.budget_loss(model)
+    loss.backward()
+    grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    return loss.item(), grads, any(order is not None for order, _ in pruner.state.kept)
+
+
+@pytest.mark.parametrize("policy", ["mass", "threshold", "topk"])
+def test_training_drops_far_tokens_with_the_masked_paths_loss_and_gradients(case, policy):
+    """Pruned tokens far below their threshold leave the training forward; the loss and every gradient
+    (weights and thresholds) stay those of the masked path that keeps all of them as hidden keys."""
+    model = patched(case, keep_policy=policy)
+    x = images(8, seed=9)
+    loss, grads, dropped = _train_step(model, x, drop_in_training=True)
+    reference_loss, reference_grads, kept_all = _train_step(model, x, drop_in_training=False)
+    assert dropped and not kept_all
+    assert loss == pytest.approx(reference_loss, rel=1e-4)
+    assert grads.keys() == reference_grads.keys() and "token_pruner.thresholds" in grads or policy == "topk"
+    for name, reference in reference_grads.items():
+        assert (grads[name] - reference).norm() <= 1e-4 * reference.norm() + 1e-7, name
+
 def test_gradients_reach_thresholds():
     model = patched("vit")
     model.train()

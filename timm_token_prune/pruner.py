@@ -18,6 +18,7 @@ from .config import REFERENCE_NUM_PATCHES, REFERENCE_THRESHOLDS, PruneConfig
 from .flops import FlopsModel, solve_keep_ratio
 
 _KEEP_ALL = -1.0  # every policy's statistic is >= 0, so this threshold keeps every token
+FAR_IN_TEMPERATURES = 20.0  # training: pruned tokens this far below their threshold leave the forward
 _MASS_STEP = 0.05  # 'mass' thresholds before calibration: 5%, 10%, 15% of the score mass may go
 
 
@@ -107,6 +108,9 @@ class TokenPruner(nn.Module):
         self.register_buffer("static", torch.tensor(config.keep_policy == "topk"))
         self._mirror_buffers()
         self._state: ForwardState | None = None
+        # training forward: pruned tokens far from their threshold leave it (False: all stay, hidden as keys)
+        self.drop_in_training = True
+        self._keeps_all: tuple[int, bool] = (-1, False)  # (thresholds version, every threshold keeps all)
         self.stop_after: int | None = None  # calibration: end forward passes at this stage's scores
 
     def set_counts(self, keep_ratios: tuple[float, ...] | None, static: bool) -> None:
@@ -129,6 +133,7 @@ class TokenPruner(nn.Module):
         """Copies and pickles leave out the last forward's tensors (they may be part of an autograd graph)."""
         state = self.__dict__.copy()
         state["_state"] = None
+        state["_keeps_all"] = (-1, False)  # the copy's thresholds count versions afresh
         return state
 
     @property
@@ -148,6 +153,20 @@ class TokenPruner(nn.Module):
     def merging(self) -> bool:
         """Whether pruned tokens are merged into kept ones (else dropped)."""
         return self.config.pruned_tokens == "merge"
+
+    def plain_attention(self, stage: int | None) -> bool:
+        """Whether the zoo's own attention can stand in: nothing to hide or weigh, and no score wanted."""
+        return (stage is None or not self.scoring()) and not self.masking()
+
+    def scoring(self) -> bool:
+        """Whether scoring attentions compute scores: not when every threshold keeps every token (budget 1.0),
+        so a model patched at 1.0 runs the zoo's own attention throughout. Calibration passes always score."""
+        if self.fixed_counts or self.stop_after is not None:
+            return True
+        version = self.thresholds._version  # bumped by every in-place change: optimiser steps, copy_, fill_
+        if self._keeps_all[0] != version:
+            self._keeps_all = (version, bool((self.thresholds < 0).all()))
+        return not self._keeps_all[1]
 
     def masking(self) -> bool:
         """Whether attentions must hide or weigh some keys (padding in eval, pruned tokens in training, merged
@@ -212,6 +231,12 @@ class TokenPruner(nn.Module):
     def prune(self, x: torch.Tensor, stage: int) -> torch.Tensor:
         """Drop or merge (eval) or mask (train) the tokens of `x` that the last scoring attention rated low."""
         state = self.state
+        if not self.scoring():  # every threshold keeps every token: nothing has moved
+            if state.num_tokens is None:
+                state.num_tokens = int(x.shape[1])
+            state.counts.append(torch.full(x.shape[:1], x.shape[1], device=x.device))
+            state.kept.append((None, None))
+            return x
         scores, state.scores = state.scores, None
         if scores is None:
             raise RuntimeError("prune() called without scores: the scoring attention did not run")
@@ -230,8 +255,30 @@ class TokenPruner(nn.Module):
         keep = self._keep(scores.detach(), stage, eligible)
         if self.training:
             self._mask(scores, stage, keep)
-            return self._merge(x, keep, eligible, similarity) if self.merging else x
-        return self._gather(x, keep, eligible, similarity)
+            remain = self._remaining_in_training(scores.detach(), stage, keep, eligible)
+        else:
+            state.counts.append(keep.sum(dim=1))
+            remain = keep
+        if self.merging:
+            x = self._merge(x, keep, eligible, similarity)
+        return x if remain is None else self._gather(x, remain)
+
+    def _remaining_in_training(
+        self, statistic: torch.Tensor, stage: int, keep: torch.Tensor, eligible: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """Training: the tokens that stay in the forward. Pruned tokens far below their threshold
+        (`FAR_IN_TEMPERATURES` temperatures or more) leave it as at inference: their mask is 0 with a gradient
+        under 1e-8 of its in-band value, so only the tokens near a threshold stay, hidden as keys, to carry
+        the mask's gradient. With fixed counts every pruned token leaves. None: the masked path (all stay)."""
+        if not self.drop_in_training:
+            return None
+        remove = ~keep if eligible is None else eligible & ~keep
+        if not self.fixed_counts:
+            band = self.thresholds[stage].detach() - FAR_IN_TEMPERATURES * self.config.temperature
+            remove &= statistic < band
+        remove[:, : self.num_prefix_tokens] = False
+        remain = ~remove
+        return remain if self.state.valid is None else remain & self.state.valid
 
     @property
     def fixed_counts(self) -> bool:
@@ -314,19 +361,18 @@ class TokenPruner(nn.Module):
         prefix = self.num_prefix_tokens
         return torch.cat([torch.ones_like(mask[:, :prefix]), mask[:, prefix:]], dim=1)
 
-    def _gather(self, x: torch.Tensor, keep: torch.Tensor, eligible: torch.Tensor | None, similarity) -> torch.Tensor:
+    def _gather(self, x: torch.Tensor, remain: torch.Tensor) -> torch.Tensor:
+        """Move each image's remaining tokens (and their sizes and training masks) to the front and cut the
+        batch to the longest; a batch whose images keep different counts is packed (see `pack`)."""
         state = self.state
-        batch, tokens = keep.shape
-        counts = keep.sum(dim=1)
-        state.counts.append(counts)
+        batch, tokens = remain.shape
+        counts = remain.sum(dim=1)
         per_image = counts.tolist()  # the one host sync of a pruning point
         most, fewest, total = max(per_image), min(per_image), sum(per_image)
-        if fewest == tokens:  # nothing dropped, no padding
+        if fewest == tokens:  # nothing removed, no padding
             state.kept.append((None, None))
             return x
-        if self.merging:
-            x = self._merge(x, keep, eligible, similarity)
-        x, order = core.gather_kept(x, keep, most)
+        x, order = core.gather_kept(x, remain, most)
         if state.sizes is not None:
             state.sizes = state.sizes.gather(1, order)
         if most == fewest:
@@ -334,6 +380,10 @@ class TokenPruner(nn.Module):
         else:
             state.valid = torch.arange(most, device=x.device) < counts[:, None]
             state.pack_index, state.unpack_index = core.packing(state.valid, total)
+        if state.soft_mask is not None:  # training: padding is hidden like a pruned token
+            state.soft_mask = state.soft_mask.gather(1, order)
+            if state.valid is not None:
+                state.soft_mask = state.soft_mask * state.valid
         state.kept.append((order, state.valid))
         self._moved(order)
         return self.pack(x)

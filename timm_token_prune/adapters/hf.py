@@ -296,7 +296,7 @@ def _token_prune_attention(module, query, key, value, attention_mask, scaling=No
     """An `AttentionInterface` function: q, k, v are (B, H, N, hd); returns ((B, N, H, hd), None)."""
     pruner: TokenPruner = module._token_pruner
     stage = module._prune_stage
-    if stage is None and not pruner.masking():
+    if pruner.plain_attention(stage):
         return _fallback(module)(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     if attention_mask is not None:
         raise NotImplementedError("attention masks cannot be combined with token pruning")

@@ -212,7 +212,7 @@ class PruningAttention:
 
     def forward(self, x: torch.Tensor, rope=None, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
         pruner = self._token_pruner
-        if self._prune_stage is None and not pruner.masking():
+        if pruner.plain_attention(self._prune_stage):
             extra = {} if rope is None else {"rope": rope}  # timm's Attention takes no rope argument
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal, **extra)
         if attn_mask is not None or is_causal:

@@ -66,7 +66,7 @@ class _PrunedBeitAttention:
 
     def forward(self, x: torch.Tensor, shared_rel_pos_bias: torch.Tensor | None = None) -> torch.Tensor:
         pruner = self._token_pruner
-        if self._prune_stage is None and not pruner.masking() and pruner.state.positions is None:
+        if pruner.plain_attention(self._prune_stage) and pruner.state.positions is None:
             return super().forward(x, shared_rel_pos_bias=shared_rel_pos_bias)
         bias = self._get_rel_pos_bias() if self.relative_position_bias_table is not None else None
         if shared_rel_pos_bias is not None:
