@@ -2,19 +2,22 @@
 at 112 px (8 x 8 patches + class token) on Fashion-MNIST (Debian's dataset-fashion-mnist).
 
     pip install -e ".[dev,real]" && apt-get install dataset-fashion-mnist
-    python benchmarks/accuracy.py                 # 10k balanced train images, all 10k test images, 1 epoch
-    python benchmarks/accuracy.py --quick         # a smoke run in about a minute
+    python benchmarks/accuracy.py                 # 10k balanced train images, all 10k test images (~3.5 h)
+    python benchmarks/accuracy.py --quick         # a smoke run in a few minutes
 
-Steps (every fine-tune uses the same recipe: distill(), lr 2e-5 -> 2e-6 cosine after 10% warm-up,
-batch 64, one epoch, loss weights 1.0 CE / 2.0 FLOPs / 0.5 KD, teacher logits cached):
+Every fine-tune uses the same recipe: distill(), lr 2e-5 -> 2e-6 cosine after 10% warm-up, thresholds at
+`--threshold-lr`, batch 64, one epoch, loss weights 1.0 CE / 2.0 FLOPs / 0.5 KD, teacher logits cached.
 1. probe: a linear classifier on the frozen backbone's features (the starting point of everything);
 2. dense reference: the probe model fine-tuned without pruning (teacher: the probe), so that what
-   fine-tuning alone adds is not credited to pruning;
-3. for each budget: (a) `calibrate` only, no training; (b) AS-ViT distillation fine-tuning with the dense
-   reference as teacher; (c) an EViT-style baseline (head-averaged class attention, fixed top-k per
-   stage at the same FLOPs) fine-tuned with the same recipe.
-Reports top-1 on the test set, GFLOPs, img/s (batch 64, interleaved with dense) and the per-stage
-kept-token distribution of (b); writes JSON.
+   fine-tuning alone adds is not credited to pruning; it is the teacher of every pruned model;
+3. for each budget, from the dense reference: (a) calibrate only, no training: adaptive (the defaults:
+   keep_policy "mass", merging, novelty), fixed top-k with the AS-ViT score and with EViT's head-mean score
+   (the same merging and novelty); (b) the adaptive model distilled; (c) both top-k models distilled;
+4. at `--legacy-budgets`, the methods as they were before (dropping, raw scores): the paper's AS-ViT
+   (raw-score thresholds, score-path gradient) and EViT's top-k, distilled;
+5. at `--long-budget`, the adaptive and the AS-ViT top-k model distilled for `--long-epochs` epochs.
+Reports top-1 and the FLOPs ratio on the test set, GMACs, img/s (batch 64, interleaved with dense) and the
+per-stage kept-token distribution; writes JSON.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import argparse
 import copy
 import json
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -94,14 +98,15 @@ def test_eval(model: torch.nn.Module, test: TensorDataset, batch: int) -> dict:
     return result
 
 
-def fine_tune(student, train: TensorDataset, teacher_logits: torch.Tensor, args, out_dir: str) -> float:
-    """The shared recipe; returns minutes spent."""
+def fine_tune(student, train: TensorDataset, teacher_logits: torch.Tensor, args, out_dir: str, epochs: int = 1) -> float:
+    """The shared recipe; returns minutes spent. `out_dir` is this benchmark's scratch folder: emptied first."""
+    shutil.rmtree(out_dir, ignore_errors=True)
     data = TensorDataset(*train.tensors, teacher_logits)
     loader = DataLoader(data, batch_size=args.batch, shuffle=True, drop_last=True)
     start = time.perf_counter()
     ttp.distill(
-        student, loader, epochs=args.epochs, lr=args.lr, min_lr=args.lr / 10, threshold_lr=args.threshold_lr,
-        warmup_steps=int(args.warmup * args.epochs * len(loader)), output_dir=out_dir,
+        student, loader, epochs=epochs, lr=args.lr, min_lr=args.lr / 10, threshold_lr=args.threshold_lr,
+        warmup_steps=int(args.warmup * epochs * len(loader)), output_dir=out_dir,
         progress=not args.no_progress, log_every=20,
     )
     return (time.perf_counter() - start) / 60
@@ -116,15 +121,29 @@ def throughput(models: dict, x: torch.Tensor, repeats: int) -> dict:
     return {name: len(x) / statistics.median(t) for name, t in times.items()}
 
 
+ADAPTIVE = {}  # the library's defaults
+TOPK_ASVIT = {"keep_policy": "topk"}
+TOPK_EVIT = {"keep_policy": "topk", "score": "mean"}
+LEGACY = {  # the methods as this library ran them before merging, novelty and the 'mass' policy
+    "paper AS-ViT (raw thresholds, dropping)": {
+        "keep_policy": "threshold", "novelty": False, "pruned_tokens": "drop", "score_gradient": True,
+        "temperature": 0.0064,  # the paper's 1e-4 on raw scores, at 64 patches
+    },
+    "EViT top-k (head mean, dropping)": {"keep_policy": "topk", "score": "mean", "novelty": False, "pruned_tokens": "drop"},
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train-images", type=int, default=10_000)
     parser.add_argument("--test-images", type=int, default=None, help="default: all 10,000")
     parser.add_argument("--img-size", type=int, default=112)
-    parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.65, 0.5])
+    parser.add_argument("--legacy-budgets", type=float, nargs="*", default=[0.5])
+    parser.add_argument("--long-budget", type=float, default=0.5, help="0 skips the long runs")
+    parser.add_argument("--long-epochs", type=int, default=3)
     parser.add_argument("--lr", type=float, default=2e-5)
-    parser.add_argument("--threshold-lr", type=float, default=None)
+    parser.add_argument("--threshold-lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=float, default=0.1, help="fraction of the steps spent warming up")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=6, help="throughput repeats")
@@ -145,58 +164,77 @@ def main() -> None:
     train_probe(probe, train, args.batch)
     results = {"setup": vars(args), "rows": {}}
     rows = results["rows"]
-    rows["probe (linear head, frozen backbone)"] = test_eval(probe, test, args.batch)
-    print("probe", rows["probe (linear head, frozen backbone)"])
 
+    def report(name: str, model: torch.nn.Module, **extra) -> None:
+        rows[name] = {**test_eval(model, test, args.batch), **extra}
+        print(f"{name}: {rows[name]}", flush=True)
+
+    report("probe (linear head, frozen backbone)", probe)
     dense = ttp.patch_model(copy.deepcopy(probe), budget=1.0)  # budget 1.0: fine-tuning without pruning
     minutes = fine_tune(dense, train, logits(probe, train.tensors[0], args.batch), args, f"{work}/dense")
     ttp.unpatch_model(dense)
-    rows["dense reference (fine-tuned)"] = {**test_eval(dense, test, args.batch), "train_minutes": minutes}
-    print("dense", rows["dense reference (fine-tuned)"])
+    dense_row = "dense reference (fine-tuned)"
+    report(dense_row, dense, train_minutes=minutes)
     teacher_logits = logits(dense, train.tensors[0], args.batch)
     calib = [train.tensors[0][i : i + args.batch] for i in range(0, min(len(train), 1024), args.batch)]
 
-    dense_row = "dense reference (fine-tuned)"
+    def pruned(budget: float, options: dict) -> torch.nn.Module:
+        model = ttp.patch_model(copy.deepcopy(dense), budget=budget, **options)
+        ttp.calibrate(model, calib)
+        return model
+
+    def distilled(name: str, budget: float, options: dict, epochs: int = 1) -> torch.nn.Module:
+        model = pruned(budget, options)
+        slug = "".join(c if c.isalnum() else "-" for c in name)
+        minutes = fine_tune(model, train, teacher_logits, args, f"{work}/{slug}", epochs)
+        report(name, model, train_minutes=minutes, config=ttp.get_pruner(model).config.to_dict())
+        return model
+
     speed_models = {dense_row: dense}
     for budget in args.budgets:
-        calibrated = ttp.patch_model(copy.deepcopy(dense), budget=budget)
-        ttp.calibrate(calibrated, calib)
-        rows[f"(a) calibrate only @{budget}"] = test_eval(calibrated, test, args.batch)
-        print(budget, "a", rows[f"(a) calibrate only @{budget}"])
-
-        student = copy.deepcopy(calibrated)
-        minutes = fine_tune(student, train, teacher_logits, args, f"{work}/asvit-{budget}")
-        rows[f"(b) AS-ViT distilled @{budget}"] = {**test_eval(student, test, args.batch), "train_minutes": minutes}
-        print(budget, "b", rows[f"(b) AS-ViT distilled @{budget}"])
-
-        evit = ttp.patch_model(copy.deepcopy(dense), budget=budget, score="mean", keep_policy="topk")
-        ttp.calibrate(evit, calib)
-        minutes = fine_tune(evit, train, teacher_logits, args, f"{work}/evit-{budget}")
-        rows[f"(c) EViT top-k distilled @{budget}"] = {**test_eval(evit, test, args.batch), "train_minutes": minutes}
-        print(budget, "c", rows[f"(c) EViT top-k distilled @{budget}"])
-        speed_models.update({f"(b) AS-ViT distilled @{budget}": student, f"(c) EViT top-k distilled @{budget}": evit})
+        for label, options in (("adaptive", ADAPTIVE), ("top-k, AS-ViT score", TOPK_ASVIT), ("top-k, EViT score", TOPK_EVIT)):
+            report(f"(a) calibrate only, {label} @{budget}", pruned(budget, options))
+        for label, options in (("adaptive", ADAPTIVE), ("top-k, AS-ViT score", TOPK_ASVIT), ("top-k, EViT score", TOPK_EVIT)):
+            name = f"({'b' if options is ADAPTIVE else 'c'}) distilled, {label} @{budget}"
+            speed_models[name] = distilled(name, budget, options)
+    for budget in args.legacy_budgets:
+        for label, options in LEGACY.items():
+            speed_models[f"(d) {label}, distilled @{budget}"] = distilled(f"(d) {label}, distilled @{budget}", budget, options)
+    if args.long_budget:
+        for label, options in (("adaptive", ADAPTIVE), ("top-k, AS-ViT score", TOPK_ASVIT)):
+            name = f"(e) distilled {args.long_epochs} epochs, {label} @{args.long_budget}"
+            speed_models[name] = distilled(name, args.long_budget, options, args.long_epochs)
 
     speed = throughput(speed_models, test.tensors[0][: args.batch], args.repeats)
-    dense_gflops = ttp.last_stats(student).dense_gflops
+    dense_gflops = None
+    for model in speed_models.values():
+        if hasattr(model, "token_pruner"):
+            dense_gflops = ttp.last_stats(model).dense_gflops
     for name, row in rows.items():
         row.setdefault("gflops", dense_gflops)
+        row["flops_ratio"] = row["gflops"] / dense_gflops
         if name in speed:
             row["images_per_s"] = speed[name]
             row["speedup"] = speed[name] / speed[dense_row]
     results["minutes"] = (time.perf_counter() - t0) / 60
     print_table(results)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
+    tmp = args.out + ".tmp"
+    with open(tmp, "w") as f:
         json.dump(results, f, indent=2)
+    os.replace(tmp, args.out)
     print(f"wrote {args.out} after {results['minutes']:.1f} minutes")
 
 
 def print_table(results: dict) -> None:
-    print(f"{'model':<38}{'top-1':>8}{'GFLOPs':>8}{'img/s':>8}{'x dense':>8}  kept tokens per stage (mean)")
+    print(f"{'model':<66}{'top-1':>8}{'FLOPs':>7}{'GMACs':>7}{'img/s':>8}{'x dense':>8}  kept per stage: mean (p10-p90)")
     for name, row in results["rows"].items():
-        kept = "/".join(f"{k:.1f}" for k in row["kept_tokens"]["mean"]) if "kept_tokens" in row else "-"
+        kept = "-"
+        if "kept_tokens" in row:
+            k = row["kept_tokens"]
+            kept = " / ".join(f"{m:.1f} ({lo:.0f}-{hi:.0f})" for m, (lo, _, hi) in zip(k["mean"], k["p10_p50_p90"]))
         speed = f"{row['images_per_s']:>8.1f}{row['speedup']:>8.2f}" if "images_per_s" in row else f"{'-':>8}{'-':>8}"
-        print(f"{name:<38}{row['top1']:>8.2f}{row['gflops']:>8.3f}{speed}  {kept}")
+        print(f"{name:<66}{row['top1']:>8.2f}{row['flops_ratio']:>7.3f}{row['gflops']:>7.3f}{speed}  {kept}")
 
 
 if __name__ == "__main__":

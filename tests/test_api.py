@@ -132,3 +132,76 @@ def test_patched_model_pickles():
     x = images(3)
     with torch.no_grad():
         assert torch.equal(clone(x), model(x))
+
+
+# ---- unusual inputs ------------------------------------------------------------------------------
+def test_an_empty_batch_gives_empty_outputs_like_the_unpatched_model():
+    plain = make_model("vit")
+    model = ttp.patch_model(make_model("vit"), budget=0.5, prune_locations=LOCATIONS)
+    ttp.calibrate(model, [images(8)])
+    empty = torch.zeros(0, 3, 32, 32)
+    with torch.no_grad():
+        expected = plain(empty)
+        assert model(empty).shape == expected.shape == (0, 10)
+    model.train()
+    assert model(empty).shape == (0, 10) and ttp.budget_loss(model).item() == 0.0
+    with pytest.raises(ValueError, match="no images"):
+        ttp.last_stats(model)
+    before = ttp.get_pruner(model).thresholds.clone()
+    with pytest.raises(ValueError, match="at least one image"):
+        ttp.calibrate(model, [empty])
+    assert torch.equal(ttp.get_pruner(model).thresholds, before)
+    ttp.calibrate(model, [empty, images(8)])  # empty batches among others are skipped
+
+
+def test_a_nan_image_keeps_min_keep_patches_and_leaves_its_batch_mates_alone():
+    model = ttp.patch_model(make_model("vit"), budget=0.5, prune_locations=LOCATIONS)
+    ttp.calibrate(model, [images(16)])
+    x = images(4)
+    x[1] = float("nan")
+    with torch.no_grad():
+        out = model(x)
+        counts = [c.tolist() for c in ttp.get_pruner(model).state.counts]
+        rest = model(x[[0, 2, 3]])
+        rest_counts = [c.tolist() for c in ttp.get_pruner(model).state.counts]
+    prefix = model.num_prefix_tokens
+    assert [c[1] for c in counts] == [prefix + 1] * len(LOCATIONS)  # min_keep = 1 patch, never 0 or padding
+    assert [[c[0], c[2], c[3]] for c in counts] == rest_counts
+    assert torch.equal(out[[0, 2, 3]], rest)
+
+
+def test_tied_scores_warn_with_the_budget_asked_for():
+    model = make_model("vit")
+    with torch.no_grad():
+        model.pos_embed.zero_()  # with identical images every patch token is the same
+    ttp.patch_model(model, budget=0.7, prune_locations=LOCATIONS, keep_policy="threshold")
+    with pytest.warns(UserWarning, match="for budget 0.7, the closest it found"):
+        stats = ttp.calibrate(model, [torch.zeros(8, 3, 32, 32)])
+    with torch.no_grad():
+        model(torch.zeros(8, 3, 32, 32))
+    assert ttp.last_stats(model).flops_ratio == pytest.approx(stats.flops_ratio)
+
+
+def test_a_failed_calibration_changes_nothing():
+    model = ttp.patch_model(make_model("vit"), budget=0.5, prune_locations=LOCATIONS)
+    ttp.calibrate(model, [images(8)])
+    before = {k: v.clone() for k, v in ttp.get_pruner(model).state_dict().items()}
+    with pytest.raises(ValueError):
+        ttp.calibrate(model, [images(8), torch.zeros(2, 3, 31, 31)])  # the second batch has a bad size
+    after = ttp.get_pruner(model).state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize("policy", ["mass", "topk"])
+def test_one_calibration_serves_other_image_sizes(policy):
+    """Thresholds on a scale-free statistic: calibrated at 32 px, the budget holds at 48 and 64 px."""
+    model = ttp.patch_model(
+        make_model("vit", dynamic_img_size=True), budget=0.6, prune_locations=LOCATIONS, keep_policy=policy
+    )
+    ttp.calibrate(model, [images(16, seed=s) for s in (10, 11)])
+    for size in (48, 64):
+        with torch.no_grad():
+            model(images(16, seed=12, size=size))
+        stats = ttp.last_stats(model)
+        assert stats.tokens == (size // 4) ** 2 + 1
+        assert abs(stats.flops_ratio - 0.6) <= 0.05, (size, stats.flops_ratio)

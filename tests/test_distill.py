@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 import json
 import os
 import re
@@ -23,12 +24,38 @@ def dataset(n: int = 48, seed: int = 0, classes: int = 10) -> TensorDataset:
     return TensorDataset(images(n, seed=seed), torch.randint(0, classes, (n,), generator=g))
 
 
-def student(budget: float = 0.5, **overrides) -> torch.nn.Module:
-    return ttp.patch_model(make_model("vit", **overrides), budget=budget, prune_locations=LOCATIONS)
+def student(budget: float = 0.5, calibrated: bool = True, **overrides) -> torch.nn.Module:
+    model = ttp.patch_model(make_model("vit", **overrides), budget=budget, prune_locations=LOCATIONS)
+    if calibrated:
+        ttp.calibrate(model, [images(16, seed=30)])
+    return model
+
+
+def test_thresholds_never_calibrated_are_calibrated_on_the_first_batches_and_reach_the_budget(tmp_path):
+    """From the default thresholds (far from every score) distill still reaches the budget: it calibrates
+    them on its first batches, says so, and logs it."""
+    model = student(budget=0.5, calibrated=False)
+    loader = DataLoader(dataset(96), batch_size=16, shuffle=True)
+    with pytest.warns(UserWarning, match="never calibrated: distill calibrated them on the first 96 training images"):
+        ttp.distill(model, loader, epochs=3, lr=1e-3, output_dir=tmp_path, progress=False)
+    assert abs(evaluate(model, loader)["flops_ratio"] - 0.5) <= 0.05
+    assert '"kind": "calibration"' in (tmp_path / "metrics.jsonl").read_text()
+    assert ttp.get_pruner(model).is_calibrated
+    with warnings.catch_warnings():  # calibrated once, never again
+        warnings.simplefilter("error")
+        ttp.distill(model, loader, max_steps=1, progress=False)
+
+
+def test_a_one_shot_iterator_is_not_eaten_by_calibration():
+    model = student(budget=0.5, calibrated=False)
+    batches = iter([(images(8, seed=s), torch.arange(8)) for s in range(3)])
+    with pytest.warns(UserWarning, match="one-shot iterator"):
+        ttp.distill(model, batches, max_steps=3, progress=False)
 
 
 def test_a_few_steps_lower_the_loss_and_move_flops_to_the_budget(tmp_path):
-    model = student(budget=0.6)
+    model = student(budget=0.8)  # calibrated for 0.8: the thresholds must learn the new budget
+    ttp.get_pruner(model).config.budget = 0.6
     loader = DataLoader(dataset(32), batch_size=8, shuffle=True)
     before = evaluate(model, loader)
     history = ttp.distill(
@@ -115,7 +142,7 @@ def test_ddp_with_two_gloo_processes_keeps_replicas_identical(tmp_path):
     ],
 )
 def test_bad_input_fails_before_any_step(case, match):
-    model = student(budget=0.05 if case == "budget" else 0.5)
+    model = student(budget=0.5)
     if case == "budget":
         ttp.get_pruner(model).config.budget = 0.05
     before = copy.deepcopy(model.state_dict())

@@ -145,7 +145,7 @@ def test_weights_shared_and_thresholds_train():
     pointers = {k: v.data_ptr() for k, v in model.state_dict().items()}
     ttp.patch_model(model, budget=0.5, prune_locations=LOCATIONS)
     state = model.state_dict()
-    assert set(state) - set(pointers) == {"token_pruner.thresholds", "token_pruner.keep_ratios", "token_pruner.static"}
+    assert set(state) - set(pointers) == {"token_pruner.thresholds", "token_pruner.keep_ratios", "token_pruner.static", "token_pruner.calibrated"}
     assert all(state[k].data_ptr() == p for k, p in pointers.items())
     ttp.calibrate(model, [images(16)])
     model.train()
@@ -277,3 +277,24 @@ def test_unpatching_a_copy_restores_the_copy_and_leaves_the_original_patched(cas
             assert ttp.last_stats(model).kept_mean[-1] < ttp.last_stats(model).tokens
         ttp.unpatch_model(model)
         assert torch.equal(main_output(model(x)), expected_dense)
+
+
+def test_distillation_trainer_leaves_the_callers_teacher_as_it_was(tmp_path):
+    pytest.importorskip("accelerate")
+    from timm_token_prune.trainer import DistillationTrainer
+
+    dataset = [{"pixel_values": images(4, seed=1)[i], "labels": torch.tensor(i)} for i in range(4)]
+    teacher = make_hf("vit_classifier").train()
+    frozen = teacher.classifier.weight
+    frozen.requires_grad_(False)  # one flag the caller set differently
+    flags = {name: p.requires_grad for name, p in teacher.named_parameters()}
+    model = patched_hf("vit_classifier")
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, report_to=[], use_cpu=True,
+        save_strategy="no",
+    )
+    DistillationTrainer(model=model, args=args, train_dataset=dataset, teacher=teacher).train()
+    assert teacher.training and all(m.training for m in teacher.modules())
+    assert {name: p.requires_grad for name, p in teacher.named_parameters()} == flags
+    with pytest.raises(ValueError, match="shares parameters"):
+        DistillationTrainer(model=model, args=args, train_dataset=dataset, teacher=model)

@@ -56,7 +56,7 @@ def test_weights_shared_and_only_thresholds_added():
     pointers = {k: v.data_ptr() for k, v in model.state_dict().items()}
     ttp.patch_model(model, budget=0.6, prune_locations=LOCATIONS)
     state = model.state_dict()
-    assert set(state) - set(pointers) == {"token_pruner.thresholds", "token_pruner.keep_ratios", "token_pruner.static"}
+    assert set(state) - set(pointers) == {"token_pruner.thresholds", "token_pruner.keep_ratios", "token_pruner.static", "token_pruner.calibrated"}
     assert [name for name, _ in model.named_parameters() if name.startswith("token_pruner")] == ["token_pruner.thresholds"]
     assert all(state[k].data_ptr() == p for k, p in pointers.items())
     assert state["token_pruner.thresholds"].shape == (len(LOCATIONS),)

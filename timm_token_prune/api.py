@@ -14,7 +14,7 @@ from .adapters import find_adapter, patched_adapter, supported_models, wrapper_h
 from .batches import split_batch
 from .config import PruneConfig
 from .errors import AlreadyPatchedError, NotPatchedError, UnsupportedModelError
-from .flops import solve_keep_ratio
+from .flops import schedule_ratio, solve_keep_ratio
 from .pruner import PruneStats, StopForward, TokenPruner
 
 
@@ -86,6 +86,7 @@ def calibrate(
     config = pruner.config
     budget = config.budget if budget is None else PruneConfig(budget=budget).budget
     images = sample_images(pruner, batches, "calibrate")
+    saved = {k: v.clone() for k, v in pruner.state_dict().items()}
     was_training = model.training
     model.eval()
     try:
@@ -93,24 +94,35 @@ def calibrate(
         tokens = pruner.state.num_tokens
         prefix, patches = pruner.num_prefix_tokens, tokens - pruner.num_prefix_tokens
         stages = len(pruner.locations)
-        target = budget
+        solve_keep_ratio(pruner.flops, budget, tokens, patches, prefix, config.min_keep)  # reachable at all?
+        lowest = schedule_ratio(pruner.flops, 0.0, tokens, patches, prefix, config.min_keep)
+        target, best = budget, None
         for _ in range(max_rounds):
-            rho = solve_keep_ratio(pruner.flops, min(target, 1.0), tokens, patches, prefix, config.min_keep)
+            rho = solve_keep_ratio(pruner.flops, min(max(target, lowest), 1.0), tokens, patches, prefix, config.min_keep)
             if pruner.fixed_counts:
-                pruner.set_counts((rho,) * stages, static=bool(pruner._static))
+                pruner.set_counts((rho,) * stages, static=pruner._static)
             else:
                 _fit_thresholds(model, pruner, images, rho, budget)
             stats = measure(model, pruner, images)
             error = stats.flops_ratio - budget
+            if best is None or abs(error) < abs(best[0]):
+                best = (error, stats, {k: v.clone() for k, v in pruner.state_dict().items()})
             if abs(error) <= tolerance or budget >= 1.0 or (target >= 1.0 and error < 0):
                 break
             target = target - error
+        error, stats, state = best
+        pruner.load_state_dict(state)
+        pruner.mark_calibrated()
+    except BaseException:
+        pruner.load_state_dict(saved)  # a failed calibration changes nothing
+        raise
     finally:
         model.train(was_training)
-    if abs(stats.flops_ratio - budget) > tolerance:
+    if abs(error) > tolerance:
         warnings.warn(
-            f"calibrate reached a FLOPs ratio of {stats.flops_ratio:.3f} for budget {budget} "
-            "(more or more varied calibration images help)",
+            f"calibrate reached a FLOPs ratio of {stats.flops_ratio:.3f} for budget {budget}, the closest it "
+            "found: the calibration images' token scores do not separate finely enough (tied scores, or too "
+            "few images); more, or more varied, calibration images help",
             stacklevel=2,
         )
     config.budget = budget
@@ -120,9 +132,9 @@ def calibrate(
 def sample_images(pruner: TokenPruner, batches: Iterable[Any], caller: str) -> list[torch.Tensor]:
     """The image tensors of `batches`, on the model's device."""
     device = pruner.thresholds.device
-    images = [split_batch(b)[0].to(device) for b in batches]
+    images = [x.to(device) for x in (split_batch(b)[0] for b in batches) if len(x)]
     if not images:
-        raise ValueError(f"{caller} needs at least one batch of images")
+        raise ValueError(f"{caller} needs at least one image: the batches were empty")
     return images
 
 

@@ -9,7 +9,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-FORMAT_VERSION = 2  # 2: pruned_tokens, novelty, 'mass', scale-free thresholds (1: raw scores, dropped)
+FORMAT_VERSION = 2  # 2: pruned_tokens, novelty, 'mass', score_gradient, scale-free thresholds
 SCORES = ("head_norm", "mean")
 KEEP_POLICIES = ("mass", "threshold", "topk")
 PRUNED_TOKENS = ("merge", "drop")
@@ -56,6 +56,14 @@ class PruneConfig:
             "help": "Temperature T of the training soft mask sigmoid((s - theta) / T), on the scale of the "
             "policy's statistic s (a share of the mass, or a score times the number of patches: the paper's "
             "1e-4 on raw scores at 196 patches is about 0.02)."
+        },
+    )
+    score_gradient: bool = field(
+        default=False,
+        metadata={
+            "help": "Training: let the soft mask's gradient reach the network through the scores (the paper). "
+            "False: it reaches the thresholds only, and the network learns from the task on the kept tokens "
+            "(measured better: the paper's path lets the task loss raise scores past the thresholds)."
         },
     )
     threshold_init: tuple[float, ...] | None = field(
@@ -159,6 +167,7 @@ def _upgrade(data: dict[str, Any]) -> dict[str, Any]:
         data.setdefault("pruned_tokens", "drop")
         data.setdefault("novelty", False)
         data.setdefault("keep_policy", "threshold")
+        data.setdefault("score_gradient", True)
         # format 1 compared raw scores (which shrink as 1 / tokens); the thresholds are converted on load
         data.pop("temperature", None)
         data.pop("threshold_init", None)

@@ -161,8 +161,10 @@ def gather_rope(rope: torch.Tensor, positions: torch.Tensor, num_prefix: int) ->
 
 
 def _top_patches(scores: torch.Tensor, eligible: torch.Tensor, num_prefix: int, k: int) -> torch.Tensor:
-    """Indices (B, k) of the k best eligible patch tokens."""
-    patch_scores = scores[:, num_prefix:].masked_fill(~eligible[:, num_prefix:], float("-inf"))
+    """Indices (B, k) of the k best eligible patch tokens (a NaN score ranks last among the eligible ones)."""
+    lowest = torch.finfo(scores.dtype).min
+    patch_scores = scores[:, num_prefix:].nan_to_num(nan=lowest, neginf=lowest)
+    patch_scores = patch_scores.masked_fill(~eligible[:, num_prefix:], float("-inf"))
     return patch_scores.topk(k, dim=1, sorted=False).indices + num_prefix
 
 
@@ -195,9 +197,7 @@ def hard_keep(
         keep &= eligible
     keep[:, :num_prefix] = True
     k = min(min_keep, scores.shape[1] - num_prefix)
-    if k == 1 and eligible is None:
-        keep |= scores >= scores[:, num_prefix:].amax(dim=1, keepdim=True)
-    elif k > 0:
+    if k > 0:
         if eligible is None:
             eligible = torch.ones_like(keep)
         keep.scatter_(1, _top_patches(scores, eligible, num_prefix, k), True)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoints
-from .api import budget_loss, get_pruner, last_stats, unpatch_model
+from .api import budget_loss, calibrate, get_pruner, last_stats, unpatch_model
 from .batches import logits_of, split_batch
 from .flops import solve_keep_ratio
 from .pruner import TokenPruner
@@ -250,13 +250,45 @@ def _start(run: _Run, resume: bool) -> TrainState:
     """Seed the run, then continue from the newest intact checkpoint (resume) or start at step 0."""
     # read and checked whole before anything is applied: a damaged checkpoint changes nothing
     checkpoint = checkpoints.load_newest(run.output, run.student, run.optimizer) if resume else None
+    if checkpoint is None and not run.pruner.is_calibrated:  # before seeding: the data order stays the same
+        _calibrate_on_first_batches(run)
     torch.manual_seed(run.config.seed + run.rank)
     random.seed(run.config.seed + run.rank)
     if checkpoint is not None:
         return checkpoint.apply(run.student, run.optimizer, run.scheduler)
-    # A fresh start: one-time preparation of the student (e.g. calibrating thresholds never calibrated)
-    # belongs here, after the checks and before the first step; a resumed run gets it from its checkpoint.
     return TrainState()
+
+
+CALIBRATION_IMAGES = 1024
+
+
+def _calibrate_on_first_batches(run: _Run) -> None:
+    """Thresholds that were never calibrated (the defaults) may sit far from every score, where the soft mask
+    has no gradient and the FLOPs loss cannot move them: calibrate them on up to CALIBRATION_IMAGES images of
+    the first batches, and say so."""
+    if iter(run.loader) is run.loader:  # a one-shot iterator: its batches are the training data
+        warnings.warn(
+            "the thresholds were never calibrated and train_loader is a one-shot iterator, so distill cannot "
+            "calibrate them on its first batches: call calibrate(model, batches) before distill",
+            stacklevel=3,
+        )
+        return
+    batches, seen = [], 0
+    for batch in run.loader:
+        images = split_batch(batch)[0]
+        batches.append(images)
+        seen += len(images)
+        if seen >= CALIBRATION_IMAGES:
+            break
+    stats = calibrate(run.student, batches)
+    run.log.write({"kind": "calibration", "images": seen, "flops_ratio": stats.flops_ratio})
+    if run.rank == 0:
+        warnings.warn(
+            f"the thresholds were never calibrated: distill calibrated them on the first {seen} training images "
+            f"(FLOPs ratio {stats.flops_ratio:.3f} for budget {run.pruner.config.budget}); call "
+            "calibrate(model, batches) first to choose the images",
+            stacklevel=3,
+        )
 
 
 def _run_length(loader: Iterable[Any], config: DistillConfig) -> tuple[int | None, int]:

@@ -54,17 +54,22 @@ class FlopsModel:
         return float(self.macs([num_tokens] * len(self.locations), num_tokens, num_patches, scoring=False))
 
 
+def schedule_ratio(
+    flops: FlopsModel, rho: float, num_tokens: int, num_patches: int, num_prefix: int, min_keep: int = 1
+) -> float:
+    """FLOPs ratio (to dense) of keeping the fraction rho of the surviving patch tokens at every stage (a
+    geometric schedule: rho, rho^2, rho^3 of the patches remain), with equal counts per image."""
+    counts = [num_prefix + max(min_keep, num_patches * rho ** (s + 1)) for s in range(len(flops.locations))]
+    return float(flops.macs(counts, num_tokens, num_patches)) / flops.dense_macs(num_tokens, num_patches)
+
+
 def solve_keep_ratio(
     flops: FlopsModel, budget: float, num_tokens: int, num_patches: int, num_prefix: int, min_keep: int = 1
 ) -> float:
-    """The fraction rho of surviving patch tokens kept at every stage (a geometric schedule: rho, rho^2,
-    rho^3 of the patches remain) that meets `budget` x dense MACs, assuming equal counts per image."""
-    dense = flops.dense_macs(num_tokens, num_patches)
-    stages = len(flops.locations)
+    """The fraction rho of the geometric schedule (`schedule_ratio`) that meets `budget` x dense MACs."""
 
     def ratio(rho: float) -> float:
-        counts = [num_prefix + max(min_keep, num_patches * rho ** (s + 1)) for s in range(stages)]
-        return float(flops.macs(counts, num_tokens, num_patches)) / dense
+        return schedule_ratio(flops, rho, num_tokens, num_patches, num_prefix, min_keep)
 
     if budget >= 1.0:
         return 1.0

@@ -260,6 +260,7 @@ def from_pretrained(
         thresholds = thresholds * pruner.num_patches
     with torch.no_grad():
         pruner.thresholds.copy_(thresholds)
+    pruner.mark_calibrated()  # thresholds saved with a model were set for it
     if "keep_ratios" in state:
         pruner.set_counts(tuple(state["keep_ratios"].tolist()) if (state["keep_ratios"] > 0).all() else None,
                           static=bool(state.get("static", torch.tensor(False))))

@@ -44,6 +44,7 @@ class ForwardState:
         self.sizes: torch.Tensor | None = None  # merging, float (B, N): tokens each one stands for; None: all 1
         self.gathered: dict = {}  # gather_rope's cache: (id, stage) -> (rope, gathered rope)
         self.stop_after = stop_after
+        self.empty = False  # a batch of 0 images: nothing to score or prune
 
 
 @dataclass
@@ -106,6 +107,10 @@ class TokenPruner(nn.Module):
         # unset) and whether `freeze` switched an adaptive model to those fixed counts
         self.register_buffer("keep_ratios", torch.tensor(ratios or (0.0,) * stages, dtype=torch.float32))
         self.register_buffer("static", torch.tensor(config.keep_policy == "topk"))
+        # whether the thresholds were set for this model (calibrate, a checkpoint, or given): distill calibrates
+        # them on its first batches otherwise
+        given = config.threshold_init is not None or config.budget >= 1.0 or config.keep_policy == "topk"
+        self.register_buffer("calibrated", torch.tensor(given))
         self._mirror_buffers()
         self._state: ForwardState | None = None
         # training forward: pruned tokens far from their threshold leave it (False: all stay, hidden as keys)
@@ -120,10 +125,20 @@ class TokenPruner(nn.Module):
             self.static.fill_(static or self.config.keep_policy == "topk")
         self._mirror_buffers()
 
+    @property
+    def is_calibrated(self) -> bool:
+        return self._calibrated
+
+    def mark_calibrated(self) -> None:
+        with torch.no_grad():
+            self.calibrated.fill_(True)
+        self._mirror_buffers()
+
     def _mirror_buffers(self) -> None:
         """Plain-Python copies of the count buffers, so forward passes read them without a device sync."""
         self._ratios = tuple(self.keep_ratios.tolist())
         self._static = bool(self.static)
+        self._calibrated = bool(self.calibrated)
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         super()._load_from_state_dict(*args, **kwargs)
@@ -146,8 +161,10 @@ class TokenPruner(nn.Module):
             raise RuntimeError("no forward pass has run through the patched model yet: call model(images) first")
         return self._state
 
-    def begin(self) -> None:
+    def begin(self, batch_size: int | None = None) -> None:
+        """Start a forward pass. An empty batch (0 images) runs the zoo's own code, which returns empty outputs."""
         self._state = ForwardState(self.stop_after)
+        self._state.empty = batch_size == 0
 
     @property
     def merging(self) -> bool:
@@ -156,7 +173,7 @@ class TokenPruner(nn.Module):
 
     def plain_attention(self, stage: int | None) -> bool:
         """Whether the zoo's own attention can stand in: nothing to hide or weigh, and no score wanted."""
-        return (stage is None or not self.scoring()) and not self.masking()
+        return (stage is None or not self.scoring() or self.state.empty) and not self.masking()
 
     def scoring(self) -> bool:
         """Whether scoring attentions compute scores: not when every threshold keeps every token (budget 1.0),
@@ -231,7 +248,7 @@ class TokenPruner(nn.Module):
     def prune(self, x: torch.Tensor, stage: int) -> torch.Tensor:
         """Drop or merge (eval) or mask (train) the tokens of `x` that the last scoring attention rated low."""
         state = self.state
-        if not self.scoring():  # every threshold keeps every token: nothing has moved
+        if not self.scoring() or state.empty:  # every threshold keeps every token: nothing has moved
             if state.num_tokens is None:
                 state.num_tokens = int(x.shape[1])
             state.counts.append(torch.full(x.shape[:1], x.shape[1], device=x.device))
@@ -341,16 +358,17 @@ class TokenPruner(nn.Module):
     def _mask(self, scores: torch.Tensor, stage: int, keep: torch.Tensor) -> None:
         """Training: hide pruned tokens as keys from here on (masks multiply across stages).
 
-        The straight-through mask carries gradients to this stage's threshold and, through the scores, to
-        the network, from the task loss (via the masked attention) and from the FLOPs loss (via the
-        counts). Scores see earlier masks detached: through the re-normalised class attention, raising
-        one stage's threshold lifts the next stages' scores, a path that T = 1e-4 amplifies 1/T-fold and
-        that would make the FLOPs loss push thresholds the wrong way."""
+        The straight-through mask carries gradients to this stage's threshold (and, with `score_gradient`,
+        through the scores to the network), from the task loss (via the masked attention) and from the FLOPs
+        loss (via the counts). Scores see earlier masks detached: through the re-normalised class attention,
+        raising one stage's threshold lifts the next stages' scores, a path that a small temperature
+        amplifies and that would make the FLOPs loss push thresholds the wrong way."""
         state = self.state
         if self.fixed_counts:
             mask = keep.to(scores.dtype)
         else:
             threshold, temperature = self.thresholds[stage], self.config.temperature
+            scores = scores if self.config.score_gradient else scores.detach()
             mask = self._with_prefix(core.straight_through_mask(scores, threshold, temperature, keep))
         if state.soft_mask is not None:
             mask = mask * state.soft_mask
@@ -442,11 +460,15 @@ class TokenPruner(nn.Module):
         return macs, self.flops.dense_macs(tokens, patches)
 
     def budget_loss(self) -> torch.Tensor:
+        if self.state.empty:  # no image, no cost: a zero that still reaches the thresholds
+            return self.thresholds.sum() * 0.0
         macs, dense = self._macs()
         ratio = torch.as_tensor(macs, dtype=torch.float32).mean() / dense
         return (ratio - self.config.budget).abs()
 
     def stats(self) -> PruneStats:
+        if self.state.empty:
+            raise ValueError("the last forward pass had no images: statistics need at least one")
         macs, dense = self._macs()
         state = self.state
         per_image = torch.as_tensor(macs, dtype=torch.float64).detach().flatten()

@@ -252,9 +252,10 @@ def _begin_forward(module: nn.Module, args: tuple, kwargs: dict) -> None:
             )
     if kwargs.get("attention_mask") is not None or kwargs.get("bool_masked_pos") is not None:
         raise NotImplementedError("attention_mask / bool_masked_pos cannot be combined with token pruning")
-    check_pixels(args[0] if args else kwargs.get("pixel_values"), module.config.num_channels, "pixel_values")
+    pixels = args[0] if args else kwargs.get("pixel_values")
+    check_pixels(pixels, module.config.num_channels, "pixel_values")
     _register_attention()  # a model unpickled in a new process
-    module._token_pruner.begin()
+    module._token_pruner.begin(len(pixels))
 
 
 def _prune_output(module: nn.Module, args: tuple, output):

@@ -178,7 +178,7 @@ class PrunedModel:
                 "call model.set_grad_checkpointing(False)"
             )
         check_images(self, x)
-        self.token_pruner.begin()
+        self.token_pruner.begin(len(x))
 
     def forward_intermediates(self, *args, **kwargs):
         raise NotImplementedError(
