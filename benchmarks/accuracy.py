@@ -6,7 +6,7 @@ at 112 px (8 x 8 patches + class token) on Fashion-MNIST (Debian's dataset-fashi
     python benchmarks/accuracy.py --quick         # a smoke run in a few minutes
 
 Every fine-tune uses the same recipe: distill(), lr 2e-5 -> 2e-6 cosine after 10% warm-up, thresholds at
-`--threshold-lr`, batch 64, one epoch, loss weights 1.0 CE / 2.0 FLOPs / 0.5 KD, teacher logits cached.
+distill's default (the lr; `--threshold-lr` changes it), batch 64, one epoch, loss weights 1.0 CE / 2.0 FLOPs / 0.5 KD, teacher logits cached.
 1. probe: a linear classifier on the frozen backbone's features (the starting point of everything);
 2. dense reference: the probe model fine-tuned without pruning (teacher: the probe), so that what
    fine-tuning alone adds is not credited to pruning; it is the teacher of every pruned model;
@@ -143,7 +143,7 @@ def main() -> None:
     parser.add_argument("--long-budget", type=float, default=0.5, help="0 skips the long runs")
     parser.add_argument("--long-epochs", type=int, default=3)
     parser.add_argument("--lr", type=float, default=2e-5)
-    parser.add_argument("--threshold-lr", type=float, default=1e-3)
+    parser.add_argument("--threshold-lr", type=float, default=None, help="default: distill's (the lr)")
     parser.add_argument("--warmup", type=float, default=0.1, help="fraction of the steps spent warming up")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=6, help="throughput repeats")

@@ -125,6 +125,17 @@ def test_config_json_round_trip_and_versioning():
         ttp.PruneConfig.from_dict({**data, "format_version": 99})
 
 
+def test_the_soft_mask_temperature_defaults_per_keep_policy_and_round_trips():
+    assert ttp.PruneConfig().soft_temperature == 0.003  # 'mass': a share of the score mass
+    assert ttp.PruneConfig(keep_policy="threshold").soft_temperature == 0.01
+    given = ttp.PruneConfig(temperature=0.02)
+    assert given.soft_temperature == 0.02
+    for config in (ttp.PruneConfig(), given):
+        assert ttp.PruneConfig.from_json(config.to_json()) == config
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        ttp.PruneConfig(temperature=0.0)
+
+
 def test_patched_model_pickles():
     model = ttp.patch_model(make_model("vit"), budget=0.5, prune_locations=LOCATIONS)
     ttp.calibrate(model, [images(8)])

@@ -9,6 +9,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+DEFAULT_TEMPERATURES = {"mass": 0.003, "threshold": 0.01}  # measured: benchmarks/train_throughput.py, README
 FORMAT_VERSION = 2  # 2: pruned_tokens, novelty, 'mass', score_gradient, scale-free thresholds
 SCORES = ("head_norm", "mean")
 KEEP_POLICIES = ("mass", "threshold", "topk")
@@ -50,12 +51,14 @@ class PruneConfig:
             "per stage (EViT-style, static shapes)."
         },
     )
-    temperature: float = field(
-        default=0.01,
+    temperature: float | None = field(
+        default=None,
         metadata={
             "help": "Temperature T of the training soft mask sigmoid((s - theta) / T), on the scale of the "
-            "policy's statistic s (a share of the mass, or a score times the number of patches: the paper's "
-            "1e-4 on raw scores at 196 patches is about 0.02)."
+            "policy's statistic s. None: 0.003 for 'mass' (a share of the image's score mass; one token "
+            "holds 1 / number of patches on average) and 0.01 for 'threshold' (a score times the number of "
+            "patches; the paper's 1e-4 on raw scores at 196 patches is about 0.02). Pruned tokens more than "
+            "20 T below their threshold leave the training forward, so a smaller T trains faster."
         },
     )
     score_gradient: bool = field(
@@ -84,8 +87,9 @@ class PruneConfig:
     pruned_tokens: str = field(
         default="merge",
         metadata={
-            "help": "What becomes of a pruned token: 'merge' folds it into the kept patch token whose key is most "
-            "similar (size-weighted mean; later attentions count a merged token once per token it holds); "
+            "help": "What becomes of a pruned token: 'merge' folds it into the kept patch token most similar to it "
+            "(cosine of the block outputs; size-weighted mean; later attentions count a merged token once per "
+            "token it holds); "
             "'drop' removes it (the AS-ViT paper)."
         },
     )
@@ -121,8 +125,8 @@ class PruneConfig:
             raise ValueError(f"pruned_tokens must be one of {PRUNED_TOKENS}, got {self.pruned_tokens!r}")
         if self.keep_policy not in KEEP_POLICIES:
             raise ValueError(f"keep_policy must be one of {KEEP_POLICIES}, got {self.keep_policy!r}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+        if self.temperature is not None and not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 (or None for the policy's default), got {self.temperature!r}")
         if self.threshold_init is not None:
             self.threshold_init = tuple(float(t) for t in self.threshold_init)
         if self.keep_ratios is not None:
@@ -136,6 +140,13 @@ class PruneConfig:
                 f"this PruneConfig has format_version {self.format_version}, newer than this library's "
                 f"{FORMAT_VERSION}: upgrade timm-token-prune"
             )
+
+    @property
+    def soft_temperature(self) -> float:
+        """The training soft mask's temperature: `temperature`, or the keep policy's default."""
+        if self.temperature is not None:
+            return float(self.temperature)
+        return DEFAULT_TEMPERATURES.get(self.keep_policy, 0.01)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -291,7 +291,7 @@ class TokenPruner(nn.Module):
             return None
         remove = ~keep if eligible is None else eligible & ~keep
         if not self.fixed_counts:
-            band = self.thresholds[stage].detach() - FAR_IN_TEMPERATURES * self.config.temperature
+            band = self.thresholds[stage].detach() - FAR_IN_TEMPERATURES * self.config.soft_temperature
             remove &= statistic < band
         remove[:, : self.num_prefix_tokens] = False
         remain = ~remove
@@ -367,7 +367,7 @@ class TokenPruner(nn.Module):
         if self.fixed_counts:
             mask = keep.to(scores.dtype)
         else:
-            threshold, temperature = self.thresholds[stage], self.config.temperature
+            threshold, temperature = self.thresholds[stage], self.config.soft_temperature
             scores = scores if self.config.score_gradient else scores.detach()
             mask = self._with_prefix(core.straight_through_mask(scores, threshold, temperature, keep))
         if state.soft_mask is not None:
