@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import shutil
 import statistics
@@ -36,7 +35,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import timm_token_prune as ttp
-from timm_token_prune.benchmark import seconds_per_call
+from timm_token_prune.benchmark import seconds_per_call, write_json
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
 import realdata  # noqa: E402
@@ -218,12 +217,7 @@ def main() -> None:
             row["speedup"] = speed[name] / speed[dense_row]
     results["minutes"] = (time.perf_counter() - t0) / 60
     print_table(results)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=2)
-    os.replace(tmp, args.out)
-    print(f"wrote {args.out} after {results['minutes']:.1f} minutes")
+    write_json(results, args.out)
 
 
 def print_table(results: dict) -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import multiprocessing
 import os
 import resource
@@ -34,6 +33,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import timm_token_prune as ttp
+from timm_token_prune.benchmark import write_json
 
 VARIANTS = {  # name -> patch_model options (None: the plain model)
     "plain": None,
@@ -186,12 +186,7 @@ def main() -> None:
     for name in args.setups:
         results[name] = measure(name, args.repeats, not args.no_memory)
         print_table(name, results[name])
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=2)
-    os.replace(tmp, args.out)
-    print(f"\nwrote {args.out}")
+    write_json(results, args.out)
 
 
 if __name__ == "__main__":

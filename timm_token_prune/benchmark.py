@@ -142,10 +142,13 @@ def format_table(results: dict) -> str:
 
 
 def write_json(results: dict, path: str) -> None:
+    """Write `results` to `path` atomically (a temporary file, then a rename)."""
     import json
     import os
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
         json.dump(results, f, indent=2)
+    os.replace(tmp, path)
     print(f"wrote {path}")
