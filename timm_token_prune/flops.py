@@ -31,7 +31,7 @@ class FlopsModel:
     locations: tuple[int, ...]  # block index where each pruning stage starts
     score_per_pair: int = 0  # per scoring block without a class token: the full Q K^T of the mean received attention
     pool_per_token: int = 0  # attention pooling (MAP): key / value projections of the final tokens
-    merge_per_pair: int = 0  # per pruning point with merging: the key similarity of every pair of its tokens
+    merge_per_pair: int = 0  # per pruning point with merging or novelty: the similarity of every pair of its tokens
 
     def block_macs(self, n: torch.Tensor | float) -> torch.Tensor | float:
         return self.linear_per_token * n + self.attn_per_pair * n * n

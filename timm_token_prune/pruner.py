@@ -75,7 +75,7 @@ class TokenPruner(nn.Module):
     ) -> None:
         super().__init__()
         self.config = config
-        if config.pruned_tokens == "merge":  # the key similarity that finds where each pruned token goes
+        if config.pruned_tokens == "merge" or config.novelty:  # the token similarity (merging, novelty)
             flops = dataclasses.replace(flops, merge_per_pair=flops.attn_per_pair // 2)
         self.flops = flops
         self.num_prefix_tokens = num_prefix_tokens
