@@ -242,3 +242,26 @@ def test_pooling_a_foreign_grid_raises():
         grid = model.forward_features(images(4))
         with pytest.raises(ValueError, match="kept"):
             model.forward_head(grid.clone())
+
+
+def test_hf_models_refuse_restore_tokens_clearly():
+    from test_hf import make_hf
+
+    model = make_hf("vit_classifier")
+    with pytest.raises(ttp.UnsupportedModelError, match="restore_tokens"):
+        ttp.patch_model(model, budget=0.5, restore_tokens=True)
+    assert not hasattr(model, "token_pruner")
+
+
+@pytest.mark.parametrize("fill", ["offset", "dropped"])
+def test_visualize_shows_the_restored_grid(fill):
+    model = restoring("vit", restore_fill=fill)
+    picture = ttp.visualize(model, images(1)[0], scale=4)
+    plain = ttp.visualize(without_restore(model, "vit"), images(1)[0], scale=4)
+    assert picture.width > plain.width  # one more panel
+    pruner = ttp.get_pruner(model)
+    filled = pruner.state.restore.pruned[0]
+    sources = pruner.restored_sources()[0]
+    kept = set(pruner.kept_positions()[-1][0][0].tolist())
+    assert filled.any() and not filled[0]
+    assert all((int(s) in kept) != (fill == "dropped" and bool(f)) for s, f in zip(sources, filled))
