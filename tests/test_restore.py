@@ -244,13 +244,89 @@ def test_pooling_a_foreign_grid_raises():
             model.forward_head(grid.clone())
 
 
-def test_hf_models_refuse_restore_tokens_clearly():
+# ---- transformers ----------------------------------------------------------------------------------------
+def _hf_pair(case: str, budget: float = 0.5):
+    """A transformers model patched with restore_tokens, the same without, and the dense model."""
     from test_hf import make_hf
 
-    model = make_hf("vit_classifier")
-    with pytest.raises(ttp.UnsupportedModelError, match="restore_tokens"):
-        ttp.patch_model(model, budget=0.5, restore_tokens=True)
-    assert not hasattr(model, "token_pruner")
+    dense = make_hf(case)
+    model = ttp.patch_model(copy.deepcopy(dense), budget=budget, prune_locations=LOCATIONS, restore_tokens=True)
+    if budget < 1.0:
+        ttp.calibrate(model, [images(16, seed=s) for s in (10, 11)])
+    plain = ttp.patch_model(copy.deepcopy(dense), budget=budget, prune_locations=LOCATIONS)
+    plain.load_state_dict(model.state_dict())
+    return model, plain, dense
+
+
+HF = ("vit_model_pooler", "deit_with_teacher", "dinov2_registers", "clip_classifier", "siglip_vision_map_head",
+      "siglip_classifier")
+
+
+@pytest.mark.parametrize("case", HF)
+def test_hf_outputs_bit_equal_and_grids_full(case):
+    from test_hf import main_output
+
+    model, plain, dense = _hf_pair(case)
+    x = images(5, seed=3)
+    with torch.no_grad():
+        expected = main_output(plain(x))
+        out = model(x, output_hidden_states=True)
+        reference = dense(x, output_hidden_states=True)
+        assert torch.equal(main_output(out), expected)
+        assert torch.equal(main_output(model(x)), expected)
+    tokens = ttp.last_stats(model).tokens
+    assert ttp.last_stats(model).kept_max[-1] < tokens
+    assert len(out.hidden_states) == len(reference.hidden_states)
+    assert all(h.shape == (5, tokens, 48) for h in out.hidden_states)
+    before = len(out.hidden_states) - 6 + LOCATIONS[0] - 1  # entries of the layers before the first scoring one
+    for got, ref in zip(out.hidden_states[:before], reference.hidden_states[:before]):
+        assert (got - ref).abs().max() <= 1e-5
+    last = getattr(out, "last_hidden_state", None)
+    assert last is None or last.shape == (5, tokens, 48)
+
+
+@pytest.mark.parametrize("case", ["vit_model_pooler", "dinov2_registers"])
+def test_hf_budget_one_equals_unpatched(case):
+    model, _, dense = _hf_pair(case, budget=1.0)
+    x = images(3)
+    with torch.no_grad():
+        got, expected = model(x, output_hidden_states=True), dense(x, output_hidden_states=True)
+    for g, e in zip(got.hidden_states, expected.hidden_states):
+        assert (g - e).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("fill", FILLS)
+def test_hf_kept_positions_and_batch_invariance(fill):
+    from test_hf import make_hf
+
+    model = ttp.patch_model(make_hf("vit_model_pooler"), budget=0.5, prune_locations=LOCATIONS, restore_tokens=True,
+                            restore_fill=fill)
+    ttp.calibrate(model, [images(16, seed=s) for s in (10, 11)])
+    plain = ttp.patch_model(make_hf("vit_model_pooler"), budget=0.5, prune_locations=LOCATIONS)
+    plain.load_state_dict(model.state_dict())
+    x = images(6, seed=4)
+    with torch.no_grad():
+        out = model(x, output_hidden_states=True)
+        kept = plain(x).last_hidden_state
+        positions, valid = ttp.get_pruner(model).kept_positions()[-1]
+        singles = [model(x[i : i + 1], output_hidden_states=True) for i in range(len(x))]
+    assert valid is not None, "the batch should mix keep counts"
+    for b in range(len(x)):
+        rows = positions[b][valid[b]]
+        assert torch.equal(out.last_hidden_state[b, rows], kept[b, : len(rows)])
+    assert (out.last_hidden_state - torch.cat([s.last_hidden_state for s in singles])).abs().max() <= 1e-5
+    for level, grid in enumerate(out.hidden_states):
+        assert (grid - torch.cat([s.hidden_states[level] for s in singles])).abs().max() <= 1e-5
+
+
+def test_hf_hidden_states_errors_say_what_to_do():
+    model, plain, _ = _hf_pair("vit_model_pooler")
+    with pytest.raises(NotImplementedError, match="restore_tokens=True"):
+        plain(images(2), output_hidden_states=True)
+    with pytest.raises(NotImplementedError, match="output_hidden_states=True"):
+        model(images(2), output_hidden_states=[1, 2])
+    with pytest.raises(NotImplementedError, match="eval"):
+        model.train()(images(2), output_hidden_states=True)
 
 
 @pytest.mark.parametrize("fill", ["offset", "dropped"])

@@ -46,6 +46,9 @@ class ForwardState:
         self.gathered: dict = {}  # gather_rope's cache: (id, stage) -> (rope, gathered rope)
         self.restore: RestoreMap | None = None  # eval, restore_tokens: where each original position lives
         self.restored: torch.Tensor | None = None  # adapters: the restored grid last returned (see pool_source)
+        self.kept_final: torch.Tensor | None = None  # transformers, restoring: the last layer's kept tokens
+        self.head_source: torch.Tensor | None = None  # transformers, restoring: normed kept tokens for a head
+        self.hidden_grids: dict[int, torch.Tensor] | None = None  # transformers: layer index -> restored grid
         self.stop_after = stop_after
         self.empty = False  # a batch of 0 images: nothing to score or prune
 
