@@ -341,3 +341,12 @@ def test_visualize_shows_the_restored_grid(fill):
     kept = set(pruner.kept_positions()[-1][0][0].tolist())
     assert filled.any() and not filled[0]
     assert all((int(s) in kept) != (fill == "dropped" and bool(f)) for s, f in zip(sources, filled))
+
+
+def test_empty_batch_gives_empty_grids():
+    model = restoring("registers")
+    with torch.no_grad():
+        grid = model.forward_features(images(0))
+        final, maps = model.forward_intermediates(images(0), indices=[1, 4])
+    assert grid.shape == final.shape == (0, 69, 48)
+    assert all(m.shape == (0, 48, 8, 8) for m in maps)

@@ -272,7 +272,7 @@ class _PrunedVisionTransformer(PrunedModel):
         grids = [g[:, prefix:] for g in grids]
         if output_fmt == "NCHW":
             rows, cols = self.patch_embed.dynamic_feat_size((height, width))
-            grids = [g.reshape(batch, rows, cols, -1).permute(0, 3, 1, 2).contiguous() for g in grids]
+            grids = [g.reshape(batch, rows, cols, g.shape[-1]).permute(0, 3, 1, 2).contiguous() for g in grids]
         if output_dict:
             result = {"image_intermediates": grids}
             if prefixes is not None and return_prefix_tokens:
