@@ -19,8 +19,11 @@ import torch
 
 
 def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x (B, N, C) at `index` (B, M): (B, M, C)."""
-    return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+    """x (B, N, C) at `index` (B, M): (B, M, C). Whole rows by index_select (on CPU several times faster
+    than gather with an index expanded over C)."""
+    batch, tokens, channels = x.shape
+    flat = (index + torch.arange(batch, device=index.device)[:, None] * tokens).flatten()
+    return x.reshape(batch * tokens, channels).index_select(0, flat).view(batch, index.shape[1], channels)
 
 
 class RestoreMap:
@@ -37,14 +40,12 @@ class RestoreMap:
         dropping), bool `leaving` (B, N) the tokens that leave, `destination` (B, N) their kept token."""
         moves = leaving.gather(1, self.anchor)  # (B, N0): p's anchor leaves now
         if self.fill == "dropped":
-            first = moves & ~self.pruned
             current = _rows(before, self.anchor)
-            self.values = torch.where(first[..., None], current, current if self.values is None else self.values)
-        target = torch.where(moves, destination.gather(1, self.anchor), self.anchor)
-        if self.fill == "offset":
-            step = torch.where(moves[..., None], _rows(before, self.anchor) - _rows(after, target), 0.0)
-            self.values = step if self.values is None else self.values + step
-        self.anchor = target
+            self.values = current if self.values is None else torch.where((moves & ~self.pruned)[..., None], current, self.values)
+        if self.fill == "offset":  # the step per current token (0 for those staying), then per position
+            step = _rows((before - _rows(after, destination)).mul_(leaving[..., None]), self.anchor)
+            self.values = step if self.values is None else self.values.add_(step)
+        self.anchor = torch.where(moves, destination.gather(1, self.anchor), self.anchor)
         self.pruned |= moves
 
     def moved(self, order: torch.Tensor, tokens: int) -> None:
