@@ -350,3 +350,18 @@ def test_empty_batch_gives_empty_grids():
         final, maps = model.forward_intermediates(images(0), indices=[1, 4])
     assert grid.shape == final.shape == (0, 69, 48)
     assert all(m.shape == (0, 48, 8, 8) for m in maps)
+
+
+def test_training_is_unchanged_by_restore_tokens():
+    """Training forwards keep tokens off the grid; loss and gradients are those of restore_tokens=False."""
+    model = restoring("vit")
+    plain = without_restore(model, "vit")
+    x, y = images(8, seed=9), torch.arange(8) % 10
+    losses, grads = [], []
+    for m in (model, plain):
+        m.train()
+        loss = F.cross_entropy(m(x), y) + 2.0 * ttp.budget_loss(m)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(ttp.get_pruner(m).thresholds.grad.clone())
+    assert losses[0] == losses[1] and torch.equal(grads[0], grads[1])
