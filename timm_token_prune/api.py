@@ -42,6 +42,12 @@ def patch_model(model: nn.Module, budget: float = 0.65, *, config: PruneConfig |
         reason = wrapper_hint(model) or "no adapter knows it"
         raise UnsupportedModelError(f"cannot patch {type(model).__name__}: {reason}. Supported: {supported_models()}.")
     locations = adapter.check(model, config)
+    if config.restore_tokens and not adapter.restores_tokens:
+        raise UnsupportedModelError(
+            f"cannot patch {type(model).__name__} with restore_tokens=True: the {adapter.name!r} adapter does not "
+            "restore pruned tokens to the grid yet (timm VisionTransformer models do); patch it without "
+            "restore_tokens, or unpatched, for dense outputs"
+        )
     pruner = adapter.patch(model, config, locations)
     pruner.train(model.training)  # a new module starts in train mode; follow the model's
     return model

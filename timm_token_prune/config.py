@@ -14,6 +14,7 @@ FORMAT_VERSION = 2  # 2: pruned_tokens, novelty, 'mass', score_gradient, scale-f
 SCORES = ("head_norm", "mean")
 KEEP_POLICIES = ("mass", "threshold", "topk")
 PRUNED_TOKENS = ("merge", "drop")
+RESTORE_FILLS = ("dropped", "nearest", "offset")
 # The paper's threshold initialisation, for 196 patch tokens (224 px, patch 16).
 REFERENCE_THRESHOLDS = (0.001, 0.002, 0.003)
 REFERENCE_NUM_PATCHES = 196
@@ -100,6 +101,23 @@ class PruneConfig:
             "that scores higher: near copies of better tokens go first (with merging they lose little)."
         },
     )
+    restore_tokens: bool = field(
+        default=False,
+        metadata={
+            "help": "Dense outputs (segmentation, depth): token outputs keep every position in the original "
+            "order (timm forward_features / forward_intermediates), each pruned position filled as "
+            "`restore_fill` says. Pooled outputs and logits are unchanged. Inference (eval mode) only."
+        },
+    )
+    restore_fill: str = field(
+        default="offset",
+        metadata={
+            "help": "With restore_tokens, what fills a pruned position: 'dropped' its own representation when it "
+            "was pruned; 'nearest' a copy of the final token of the kept token most similar to it when it was "
+            "pruned (the one it merged into); 'offset' that copy plus the token's own offset from that kept "
+            "token when it was pruned. Each goes through the final norm."
+        },
+    )
     min_keep: int = field(default=1, metadata={"help": "Patch tokens always kept per image (highest scores)."})
     format_version: int = field(default=FORMAT_VERSION, metadata={"help": "Serialisation format version."})
 
@@ -133,6 +151,10 @@ class PruneConfig:
             self.keep_ratios = tuple(float(r) for r in self.keep_ratios)
             if any(not 0.0 < r <= 1.0 for r in self.keep_ratios):
                 raise ValueError(f"keep_ratios must each be in (0, 1], got {self.keep_ratios!r}")
+        if not isinstance(self.restore_tokens, bool):
+            raise TypeError(f"restore_tokens must be True or False, got {self.restore_tokens!r}")
+        if self.restore_fill not in RESTORE_FILLS:
+            raise ValueError(f"restore_fill must be one of {RESTORE_FILLS}, got {self.restore_fill!r}")
         if int(self.min_keep) < 1:
             raise ValueError(f"min_keep must be >= 1 so pooling never sees an empty set, got {self.min_keep!r}")
         if self.format_version > FORMAT_VERSION:

@@ -237,6 +237,13 @@ def novelty(scores: torch.Tensor, similarity: torch.Tensor, eligible: torch.Tens
     return 1 - similarity.masked_fill(~higher, 0.0).amax(dim=-1).clamp_min(0)
 
 
+def nearest_kept(similarity: torch.Tensor, keep: torch.Tensor, num_prefix: int) -> torch.Tensor:
+    """For every token, the index (B, N) of the kept patch token most similar to it (`similarity`: B, N, N)."""
+    targets = keep.clone()
+    targets[:, :num_prefix] = False
+    return similarity.masked_fill(~targets[:, None, :], float("-inf")).argmax(dim=-1)
+
+
 def merge_into_kept(
     x: torch.Tensor,
     keep: torch.Tensor,
@@ -244,15 +251,17 @@ def merge_into_kept(
     sizes: torch.Tensor,
     num_prefix: int,
     similarity: torch.Tensor | None = None,
+    destination: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge each `dropped` token of x (B, N, C) into the kept patch token most similar to it (cosine of
-    the tokens themselves, `token_similarity`), as a size-weighted mean; the kept token's size (B, N) grows
-    by the merged ones' (later attentions count a token of size s as s copies: `size_bias`). Prefix tokens
-    neither merge nor receive. Returns (x, sizes); rows that receive nothing stay unchanged, bit for bit."""
+    the tokens themselves, `token_similarity`; or given as `destination`, see `nearest_kept`), as a
+    size-weighted mean; the kept token's size (B, N) grows by the merged ones' (later attentions count a
+    token of size s as s copies: `size_bias`). Prefix tokens neither merge nor receive. Returns (x, sizes);
+    rows that receive nothing stay unchanged, bit for bit."""
     targets = keep.clone()
     targets[:, :num_prefix] = False
-    similarity = token_similarity(x) if similarity is None else similarity
-    destination = similarity.masked_fill(~targets[:, None, :], float("-inf")).argmax(dim=-1)
+    if destination is None:
+        destination = nearest_kept(token_similarity(x) if similarity is None else similarity, keep, num_prefix)
     weights = sizes * dropped.to(sizes.dtype)
     weights[:, :num_prefix] = 0
     added = torch.zeros_like(sizes).scatter_add_(1, destination, weights)

@@ -16,6 +16,7 @@ from torch import nn
 from . import core
 from .config import REFERENCE_NUM_PATCHES, REFERENCE_THRESHOLDS, PruneConfig
 from .flops import FlopsModel, solve_keep_ratio
+from .restore import RestoreMap
 
 _KEEP_ALL = -1.0  # every policy's statistic is >= 0, so this threshold keeps every token
 FAR_IN_TEMPERATURES = 20.0  # training: pruned tokens this far below their threshold leave the forward
@@ -43,6 +44,11 @@ class ForwardState:
         self.positions: torch.Tensor | None = None  # eval, (B, N): original index of each token; None: unmoved
         self.sizes: torch.Tensor | None = None  # merging, float (B, N): tokens each one stands for; None: all 1
         self.gathered: dict = {}  # gather_rope's cache: (id, stage) -> (rope, gathered rope)
+        self.restore: RestoreMap | None = None  # eval, restore_tokens: where each original position lives
+        self.restored: torch.Tensor | None = None  # adapters: the restored grid last returned (see pool_source)
+        self.kept_final: torch.Tensor | None = None  # transformers, restoring: the last layer's kept tokens
+        self.head_source: torch.Tensor | None = None  # transformers, restoring: normed kept tokens for a head
+        self.hidden_grids: dict[int, torch.Tensor] | None = None  # transformers: layer index -> restored grid
         self.stop_after = stop_after
         self.empty = False  # a batch of 0 images: nothing to score or prune
 
@@ -75,7 +81,7 @@ class TokenPruner(nn.Module):
     ) -> None:
         super().__init__()
         self.config = config
-        if config.pruned_tokens == "merge" or config.novelty:  # the token similarity (merging, novelty)
+        if config.pruned_tokens == "merge" or config.novelty or config.restore_tokens:  # the token similarity
             flops = dataclasses.replace(flops, merge_per_pair=flops.attn_per_pair // 2)
         self.flops = flops
         self.num_prefix_tokens = num_prefix_tokens
@@ -171,6 +177,11 @@ class TokenPruner(nn.Module):
         """Whether pruned tokens are merged into kept ones (else dropped)."""
         return self.config.pruned_tokens == "merge"
 
+    @property
+    def restoring(self) -> bool:
+        """Whether this forward records where pruned tokens go, to restore the full grid (eval only)."""
+        return self.config.restore_tokens and not self.training
+
     def plain_attention(self, stage: int | None) -> bool:
         """Whether the zoo's own attention can stand in: nothing to hide or weigh, and no score wanted."""
         return (stage is None or not self.scoring() or self.state.empty) and not self.masking()
@@ -241,9 +252,12 @@ class TokenPruner(nn.Module):
             cached = state.gathered[key] = (rope, core.gather_rope(rope, state.positions, self.num_prefix_tokens))
         return cached[1]
 
-    def _moved(self, order: torch.Tensor) -> None:
+    def _moved(self, order: torch.Tensor, tokens: int) -> None:
+        """The layout of `tokens` tokens per image was gathered by `order` (B, M)."""
         state = self.state
         state.positions = order if state.positions is None else state.positions.gather(1, order)
+        if state.restore is not None:
+            state.restore.moved(order, tokens)
 
     def prune(self, x: torch.Tensor, stage: int) -> torch.Tensor:
         """Drop or merge (eval) or mask (train) the tokens of `x` that the last scoring attention rated low."""
@@ -259,7 +273,8 @@ class TokenPruner(nn.Module):
             raise RuntimeError("prune() called without scores: the scoring attention did not run")
         eligible = state.valid if not self.training else _hard(state.soft_mask)
         x = self.unpack(x)  # (B, N, C): eval batches may arrive packed
-        similarity = core.token_similarity(x) if self.merging or self.config.novelty else None
+        wanted = self.merging or self.config.novelty or self.restoring
+        similarity = core.token_similarity(x) if wanted else None
         if self.config.novelty:
             scores = scores * core.novelty(scores.detach(), similarity, eligible, self.num_prefix_tokens)
         if not self.fixed_counts:  # top-k ranks the raw scores: the same order, and static for export
@@ -276,7 +291,7 @@ class TokenPruner(nn.Module):
         else:
             state.counts.append(keep.sum(dim=1))
             remain = keep
-        if self.merging:
+        if self.merging or self.restoring:
             x = self._merge(x, keep, eligible, similarity)
         return x if remain is None else self._gather(x, remain)
 
@@ -313,11 +328,21 @@ class TokenPruner(nn.Module):
         return scores
 
     def _merge(self, x: torch.Tensor, keep: torch.Tensor, eligible: torch.Tensor | None, similarity) -> torch.Tensor:
-        """Fold the tokens `keep` drops (of those `eligible`) into their most similar kept ones; x is (B, N, C)."""
+        """Fold the tokens `keep` drops (of those `eligible`) into their most similar kept ones (merging), and
+        record where they went (restoring); x is (B, N, C)."""
         state = self.state
         dropped = ~keep if eligible is None else eligible & ~keep
-        sizes = state.sizes if state.sizes is not None else x.new_ones(keep.shape, dtype=torch.float32)
-        x, state.sizes = core.merge_into_kept(x, keep, dropped, sizes, self.num_prefix_tokens, similarity)
+        destination = core.nearest_kept(similarity, keep, self.num_prefix_tokens)
+        before = x
+        if self.merging:
+            sizes = state.sizes if state.sizes is not None else x.new_ones(keep.shape, dtype=torch.float32)
+            x, state.sizes = core.merge_into_kept(
+                x, keep, dropped, sizes, self.num_prefix_tokens, destination=destination
+            )
+        if self.restoring:
+            if state.restore is None:
+                state.restore = RestoreMap(x.shape[0], x.shape[1], self.config.restore_fill, x.device)
+            state.restore.record(before, x, dropped, destination)
         return x
 
     def _gather_topk(self, x: torch.Tensor, scores: torch.Tensor, stage: int, similarity) -> torch.Tensor:
@@ -329,11 +354,12 @@ class TokenPruner(nn.Module):
         order = torch.cat([torch.arange(prefix, device=x.device).expand(best.shape[0], -1), best], dim=1)
         state.counts.append(torch.full_like(best[:, 0], prefix + k))
         state.kept.append((order, None))
-        if self.merging:
+        if self.merging or self.restoring:
             keep = torch.zeros_like(scores, dtype=torch.bool).scatter(1, order, torch.ones_like(order, dtype=torch.bool))
             x = self._merge(x, keep, None, similarity)
-            state.sizes = state.sizes.gather(1, order)
-        self._moved(order)
+            if state.sizes is not None:
+                state.sizes = state.sizes.gather(1, order)
+        self._moved(order, x.shape[1])
         return x.gather(1, order[..., None].expand(-1, -1, x.shape[-1]))
 
     def _keep(self, scores: torch.Tensor, stage: int, eligible: torch.Tensor | None) -> torch.Tensor:
@@ -403,7 +429,7 @@ class TokenPruner(nn.Module):
             if state.valid is not None:
                 state.soft_mask = state.soft_mask * state.valid
         state.kept.append((order, state.valid))
-        self._moved(order)
+        self._moved(order, tokens)
         return self.pack(x)
 
     def kept_positions(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
@@ -420,6 +446,32 @@ class TokenPruner(nn.Module):
                 index, valid = index.gather(1, order), stage_valid
             positions.append((index, valid))
         return positions
+
+    def restore(self, x: torch.Tensor) -> torch.Tensor:
+        """restore_tokens, eval: the tokens of the last forward at any point after embedding (packed or
+        padded; before the final norm, which adapters apply to the grid) -> (B, N0, C) in the original order,
+        each pruned position filled as `restore_fill` says (see `RestoreMap`)."""
+        if not self.config.restore_tokens:
+            raise RuntimeError("this model was patched without restore_tokens: patch it with restore_tokens=True")
+        if self.training:
+            raise RuntimeError("restore_tokens works in eval mode only (training keeps tokens off the grid): call model.eval()")
+        state = self.state
+        x = self.unpack(x)
+        return x if state.restore is None else state.restore.restore(x)
+
+    def restored_sources(self) -> torch.Tensor | None:
+        """restore_tokens, after an eval forward: the original position (B, N0) each position's fill comes
+        from ('nearest' / 'offset': the kept token it was restored from; itself when kept or with 'dropped');
+        None when nothing was pruned."""
+        state = self.state
+        if state.restore is None:
+            return None
+        anchor = state.restore.anchor
+        own = torch.arange(anchor.shape[1], device=anchor.device).expand_as(anchor)
+        if self.config.restore_fill == "dropped":
+            return own
+        positions = own if state.positions is None else state.positions
+        return state.restore.sources(positions)
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, C) padded tokens -> (1, T, C) with only the real ones, when the batch is padded.

@@ -34,7 +34,9 @@ def prepare_image(model: nn.Module, image) -> torch.Tensor:
 def visualize(model: nn.Module, image, *, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
               scale: int = 2):
     """A PIL image: `image` shown once per pruning stage with the patches pruned before that stage greyed
-    out and the kept ones outlined, the kept count in each panel's title.
+    out and the kept ones outlined, the kept count in each panel's title. A model patched with
+    `restore_tokens` gets one more panel, the restored grid: filled positions tinted blue, each joined by a
+    line to the kept patch its fill is read from ('nearest' / 'offset'; 'dropped' fills read themselves).
 
     `image` is a PIL image (resized and normalised for the model, see `prepare_image`) or a normalised
     tensor (C, H, W) or (1, C, H, W); `mean` / `std` undo its normalisation for display (default: the
@@ -68,7 +70,7 @@ def visualize(model: nn.Module, image, *, mean: Sequence[float] | None = None, s
     pixels = (x[0].cpu() * torch.as_tensor(std)[:, None, None] + torch.as_tensor(mean)[:, None, None]).clamp(0, 1)
     rgb = pixels.expand(3, -1, -1) if pixels.shape[0] == 1 else pixels[:3]
     grey = rgb.mean(0, keepdim=True).expand(3, -1, -1) * 0.25 + 0.55
-    panels = [("input", rgb, None)]
+    panels = [("input", rgb, None, None)]
     ph, pw = height // grid_h, width // grid_w
     for stage, (positions, valid) in enumerate(pruner.kept_positions()):
         kept = positions[0] if valid is None else positions[0][valid[0]]
@@ -79,12 +81,14 @@ def visualize(model: nn.Module, image, *, mean: Sequence[float] | None = None, s
         mask = cells.repeat_interleave(ph, 0).repeat_interleave(pw, 1)
         mask = torch.nn.functional.pad(mask, (0, width - mask.shape[1], 0, height - mask.shape[0]))
         title = f"before block {pruner.locations[stage]}: {len(kept_patches)}/{patches}"
-        panels.append((title, torch.where(mask, rgb, grey), cells))
+        panels.append((title, torch.where(mask, rgb, grey), cells, None))
+    if pruner.config.restore_tokens:
+        panels.append(_restored_panel(pruner, rgb, grid_h, grid_w, (ph, pw)))
     title_h, pad = 18, 6
     w, h = width * scale, height * scale
     canvas = Image.new("RGB", (len(panels) * (w + pad) + pad, h + title_h + 2 * pad), "white")
     draw = ImageDraw.Draw(canvas)
-    for i, (title, tensor, cells) in enumerate(panels):
+    for i, (title, tensor, cells, links) in enumerate(panels):
         panel = Image.fromarray((tensor.permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
         left, top = pad + i * (w + pad), title_h + pad
         canvas.paste(panel.resize((w, h), Image.NEAREST), (left, top))
@@ -93,7 +97,29 @@ def visualize(model: nn.Module, image, *, mean: Sequence[float] | None = None, s
             for r, c in cells.nonzero().tolist():
                 x0, y0 = left + c * pw * scale, top + r * ph * scale
                 draw.rectangle([x0, y0, x0 + pw * scale - 1, y0 + ph * scale - 1], outline=(230, 80, 20))
+        for source, target in links or ():  # restored grid: from the kept patch to the position it fills
+            (r0, c0), (r1, c1) = divmod(source, grid_w), divmod(target, grid_w)
+            centre = [left + (c + 0.5) * pw * scale for c in (c0, c1)], [top + (r + 0.5) * ph * scale for r in (r0, r1)]
+            draw.line([(centre[0][0], centre[1][0]), (centre[0][1], centre[1][1])], fill=(230, 80, 20), width=1)
+            draw.ellipse([centre[0][0] - 1, centre[1][0] - 1, centre[0][0] + 1, centre[1][0] + 1], fill=(230, 80, 20))
     return canvas
+
+
+def _restored_panel(pruner, rgb: torch.Tensor, grid_h: int, grid_w: int, patch: tuple[int, int]):
+    """The restored-grid panel: pruned positions tinted, with (source, target) patch links."""
+    prefix, fill = pruner.num_prefix_tokens, pruner.config.restore_fill
+    sources = pruner.restored_sources()
+    patches = grid_h * grid_w
+    own = torch.arange(patches)
+    sources = own if sources is None else sources[0, prefix:].cpu() - prefix
+    filled = torch.zeros(patches, dtype=torch.bool)
+    if pruner.state.restore is not None:
+        filled = pruner.state.restore.pruned[0, prefix:].cpu()
+    mask = filled.view(grid_h, grid_w).repeat_interleave(patch[0], 0).repeat_interleave(patch[1], 1)
+    mask = torch.nn.functional.pad(mask, (0, rgb.shape[2] - mask.shape[1], 0, rgb.shape[1] - mask.shape[0]))
+    tinted = torch.where(mask, 0.5 * rgb + 0.5 * torch.tensor([0.2, 0.4, 0.9])[:, None, None], rgb)
+    links = [(int(sources[t]), t) for t in filled.nonzero().flatten().tolist() if fill != "dropped"]
+    return f"restored ({fill}): {int(filled.sum())} filled", tinted, None, links
 
 
 def _grid_width(patches: int, height: int, width: int) -> int:

@@ -30,6 +30,7 @@ class Adapter(ABC):
     name: ClassVar[str]  # unique, recorded in saved checkpoints ("timm", "timm-eva", ...)
     zoo: ClassVar[str]  # the library that saves and rebuilds the dense model: "timm" or "transformers"
     supported: ClassVar[str]  # what it patches, for error messages
+    restores_tokens: ClassVar[bool] = False  # whether its patched models serve `restore_tokens`
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}, zoo {self.zoo!r}>"

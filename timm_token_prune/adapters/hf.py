@@ -8,6 +8,9 @@ No class of the model is replaced (a renamed `PreTrainedModel` would lose its ch
   output, the last layer's hook unpacks a packed batch; Dinov2's classifier (class token + mean of
   patch tokens) gets the mean over kept tokens only; SigLIP's attention-pooling head gets a key
   padding mask of the kept tokens. Their handles live on the pruner; unpatch removes them.
+- with `restore_tokens` (eval): the last layer's hook returns the restored grid (before the final norm),
+  so `last_hidden_state` is (B, N, C); heads that read more than the prefix tokens get the kept tokens
+  instead; `output_hidden_states=True` gets each layer's grid, restored when that layer ran.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from .base import IMAGENET_MEAN, IMAGENET_STD, Adapter
 from .shared import check_pixels, new_pruner, pruned_layers
 
 ATTN_IMPLEMENTATION = "timm_token_prune"
-_ADDED = ("_token_pruner", "_prune_stage", "_token_prune_config", "_token_prune_fallback")
+_ADDED = ("_token_pruner", "_prune_stage", "_token_prune_config", "_token_prune_fallback", "_layer_index")
 _HANDLES = "_token_prune_hooks"  # on the pruner: the RemovableHandles of the hooks patch registered
 
 
@@ -83,6 +86,7 @@ class TransformersAdapter(Adapter):
         "Dinov2Model / Dinov2ForImageClassification, Dinov2WithRegisters*, ViTMSN*, CLIPVisionModel / "
         "CLIPVisionModelWithProjection / CLIPForImageClassification, SiglipVisionModel / SiglipForImageClassification"
     )
+    restores_tokens = True
 
     def model_classes(self) -> tuple[type, ...]:
         transformers = sys.modules.get("transformers")  # a transformers model has imported it
@@ -100,7 +104,8 @@ class TransformersAdapter(Adapter):
         layers = _get(base, _FAMILIES[type(base).__name__].layers)
         if len({linear_macs(layer) for layer in layers}) > 1:
             raise UnsupportedModelError(f"cannot patch {name}: its layers differ in width. Supported: {self.supported}.")
-        if getattr(base.config, "output_hidden_states", False) or getattr(base.config, "output_attentions", False):
+        hidden = getattr(base.config, "output_hidden_states", False) and not config.restore_tokens
+        if hidden or getattr(base.config, "output_attentions", False):
             raise UnsupportedModelError(
                 f"cannot patch {name}: its config asks for output_hidden_states / output_attentions, whose shapes "
                 "token pruning changes; set them to False"
@@ -206,7 +211,7 @@ def _patch(model: nn.Module, config: PruneConfig, locations: tuple[int, ...]) ->
     )
     fallback = base.config._attn_implementation or "eager"
     handles = []
-    for _, layer, stage in pruned_layers(layers, locations):
+    for index, layer, stage in pruned_layers(layers, locations):
         attention = getattr(layer, family.attention)
         own = copy.copy(attention.config)
         own._attn_implementation = ATTN_IMPLEMENTATION
@@ -216,6 +221,9 @@ def _patch(model: nn.Module, config: PruneConfig, locations: tuple[int, ...]) ->
         if stage is not None:
             _set(layer, _token_pruner=pruner, _prune_stage=stage)
             handles.append(layer.register_forward_hook(_prune_output))
+        if config.restore_tokens:
+            _set(layer, _token_pruner=pruner, _layer_index=index)
+            handles.append(layer.register_forward_hook(_record_grid))
     _set(layers[-1], _token_pruner=pruner)
     handles.append(layers[-1].register_forward_hook(_unpack_output))
     _set(base, _token_pruner=pruner)
@@ -230,6 +238,12 @@ def _patch(model: nn.Module, config: PruneConfig, locations: tuple[int, ...]) ->
     if pool is not None:
         _set(pool, _token_pruner=pruner)
         handles.append(pool.register_forward_pre_hook(_pool_kept_keys, with_kwargs=True))
+        if config.restore_tokens:  # the attention-pooling head reads the normed kept tokens
+            norm = base.post_layernorm
+            _set(norm, _token_pruner=pruner)
+            handles.append(norm.register_forward_hook(_keep_head_source))
+    if config.restore_tokens:
+        handles.append(base.register_forward_hook(_restore_hidden_states))
     # a plain attribute: copies and pickles of the model carry the handles along with the hook dicts they
     # point to, so unpatching a copy removes the copy's hooks
     _set(pruner, **{_HANDLES: handles})
@@ -244,30 +258,88 @@ def _set(module: nn.Module, **attributes) -> None:
 
 # ---- hooks (module-level functions, so deep copies and pickles of the model stay consistent) ----------
 def _begin_forward(module: nn.Module, args: tuple, kwargs: dict) -> None:
-    for flag in ("output_hidden_states", "output_attentions"):
-        if kwargs.get(flag) or getattr(module.config, flag, False):
+    pruner = module._token_pruner
+    hidden = kwargs.get("output_hidden_states")
+    hidden = getattr(module.config, "output_hidden_states", False) if hidden is None else hidden
+    if hidden is not None and hidden is not False and pruner.restoring:
+        if hidden is not True:
             raise NotImplementedError(
-                f"{flag}=True is not supported on a token-pruned model: pruned layers hold fewer tokens. "
-                "Call timm_token_prune.unpatch_model(model) to get them"
+                f"output_hidden_states={hidden!r}: a token-pruned model restores all layers' grids or none; "
+                "pass output_hidden_states=True"
             )
+    elif hidden:
+        why = "restore_tokens works in eval mode only: call model.eval()" if pruner.config.restore_tokens else (
+            "patch the model with restore_tokens=True to get full grids, or call timm_token_prune.unpatch_model(model)"
+        )
+        raise NotImplementedError(f"output_hidden_states=True on a token-pruned model: pruned layers hold fewer tokens; {why}")
+    if kwargs.get("output_attentions") or getattr(module.config, "output_attentions", False):
+        raise NotImplementedError(
+            "output_attentions=True is not supported on a token-pruned model: pruned layers hold fewer tokens. "
+            "Call timm_token_prune.unpatch_model(model) to get them"
+        )
     if kwargs.get("attention_mask") is not None or kwargs.get("bool_masked_pos") is not None:
         raise NotImplementedError("attention_mask / bool_masked_pos cannot be combined with token pruning")
     pixels = args[0] if args else kwargs.get("pixel_values")
     check_pixels(pixels, module.config.num_channels, "pixel_values")
     _register_attention()  # a model unpickled in a new process
-    module._token_pruner.begin(len(pixels))
+    pruner.begin(len(pixels))
+    if hidden is True and pruner.restoring:
+        pruner.state.hidden_grids = {}
 
 
 def _prune_output(module: nn.Module, args: tuple, output):
     return module._token_pruner.prune(output, module._prune_stage)
 
 
+def _record_grid(module: nn.Module, args: tuple, output) -> None:
+    """restore_tokens with output_hidden_states: this layer's output restored to the grid, now."""
+    state = module._token_pruner.state
+    grids = state.hidden_grids
+    if grids is not None:
+        grids[module._layer_index] = module._token_pruner.restore(output)
+
+
 def _unpack_output(module: nn.Module, args: tuple, output):
-    return module._token_pruner.unpack(output, zero_padding=True)
+    pruner = module._token_pruner
+    if not pruner.restoring:
+        return pruner.unpack(output, zero_padding=True)
+    state = pruner.state
+    state.kept_final = pruner.unpack(output, zero_padding=True)
+    state.restored = pruner.restore(output)
+    return state.restored
 
 
 def _keep_pool_source(module: nn.Module, args: tuple, output) -> None:
-    module._token_pruner.state.pool_source = output
+    state = module._token_pruner.state
+    state.pool_source = output
+    if state.restored is not None and output is state.restored:  # the last layer's grid: its kept tokens
+        state.pool_source = state.kept_final
+    elif state.restored is not None and args and args[0] is state.restored:  # the final norm of the grid
+        state.pool_source = module.forward(state.kept_final)
+
+
+def _keep_head_source(module: nn.Module, args: tuple, output) -> None:
+    """restore_tokens: the final norm of the kept tokens, for an attention-pooling head."""
+    state = module._token_pruner.state
+    if state.restored is not None and args and args[0] is state.restored:
+        state.head_source = module.forward(state.kept_final)
+
+
+def _restore_hidden_states(module: nn.Module, args: tuple, output):
+    """restore_tokens: each pruned layer's entry of `hidden_states` -> its restored grid (the entry tied to
+    last_hidden_state stays)."""
+    grids = module._token_pruner.state.hidden_grids
+    hidden = getattr(output, "hidden_states", None)
+    if not grids or hidden is None:
+        return None
+    layers = len(_get(module, _FAMILIES[type(module).__name__].layers))
+    hidden = list(hidden)
+    for index, grid in grids.items():
+        position = len(hidden) - layers + index
+        if hidden[position] is not output.last_hidden_state:
+            hidden[position] = grid
+    output.hidden_states = tuple(hidden)
+    return output
 
 
 def _mean_over_kept_tokens(module: nn.Module, args: tuple):
@@ -284,11 +356,15 @@ def _mean_over_kept_tokens(module: nn.Module, args: tuple):
 
 def _pool_kept_keys(module: nn.Module, args: tuple, kwargs: dict):
     """nn.MultiheadAttention pooling (SigLIP's head): hide padding / pruned tokens as keys."""
+    state = module._token_pruner.state
     weights = module._token_pruner.pool_weights()
     if weights is None:
         return None
     if kwargs.get("key_padding_mask") is not None or kwargs.get("attn_mask") is not None:
         raise NotImplementedError("the pooling head's own masks cannot be combined with token pruning")
+    source = state.head_source
+    if source is not None and state.restored is not None:  # restored grid in, kept tokens as keys
+        args = (args[0], source, source, *args[3:])
     return args, {**kwargs, "key_padding_mask": core.key_weights_bias(weights, args[0].dtype)[:, 0, 0]}
 
 

@@ -110,6 +110,7 @@ class VisionTransformerAdapter(TimmAdapter):
         "'token', 'avg', 'max', 'avgmax' or 'map', and blocks of the standard timm.layers Block (or "
         "ResPostBlock) with Attention"
     )
+    restores_tokens = True
 
     def model_classes(self) -> tuple[type, ...]:
         classes = _timm()
@@ -167,7 +168,8 @@ def swap_blocks(model: nn.Module, pruner: TokenPruner, attention: type) -> None:
 
 
 class PrunedModel:
-    """What every patched timm model class shares: input checks, and no feature maps."""
+    """What every patched timm model class shares: input checks, and no feature maps (see
+    `_PrunedVisionTransformer` for those of restore_tokens)."""
 
     def start_forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> None:
         if attn_mask is not None or is_causal:
@@ -183,21 +185,104 @@ class PrunedModel:
     def forward_intermediates(self, *args, **kwargs):
         raise NotImplementedError(
             "forward_intermediates returns spatial feature maps, which pruned tokens no longer form: "
-            "call timm_token_prune.unpatch_model(model) first"
+            "patch the model with restore_tokens=True (timm VisionTransformer models), or call "
+            "timm_token_prune.unpatch_model(model) first"
         )
 
 
 class _PrunedVisionTransformer(PrunedModel):
+    """With restore_tokens (eval), token outputs are restored to the full grid: blocks run on the kept
+    tokens, the final tokens are put back in the original order with pruned positions filled
+    (`TokenPruner.restore`), then the final norm runs on the grid. Pooling and the heads still read the
+    kept tokens, so logits are those of restore_tokens=False, bit for bit."""
+
     def forward_features(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
         self.start_forward(x, attn_mask, is_causal)
-        return self.token_pruner.unpack(super().forward_features(x), zero_padding=True)
+        if not self.token_pruner.restoring:
+            return self.token_pruner.unpack(super().forward_features(x), zero_padding=True)
+        return self._restored(self.blocks(self._embed(x)))
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        """timm's forward_features before the blocks."""
+        return self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
+
+    def _restored(self, x: torch.Tensor) -> torch.Tensor:
+        """The final tokens -> the normed grid; the kept ones, normed as without restoring, for the head."""
+        pruner = self.token_pruner
+        state = pruner.state
+        state.pool_source = pruner.unpack(self.norm(x), zero_padding=True)
+        state.restored = self.norm(pruner.restore(x))
+        return state.restored
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        state = self.token_pruner._state
+        if state is not None and state.restored is not None and x is state.restored:
+            x = state.pool_source  # the grid of the last forward_features: pool its kept tokens
+        return super().forward_head(x, pre_logits)
 
     def pool(self, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
         pool_type = self.global_pool if pool_type is None else pool_type
         weights = self.token_pruner.pool_weights()
         if weights is None:
             return super().pool(x, pool_type)
+        if weights.shape[1] != x.shape[1]:
+            raise ValueError(
+                f"pool got {x.shape[1]} tokens, the last forward kept {weights.shape[1]}: pruned models pool "
+                "their kept tokens; pass forward_features' own output to forward_head (a restored grid is "
+                "recognised as long as it is the same tensor)"
+            )
         return pool_kept(self, x, weights, pool_type, self.pool_include_prefix)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        output_dict: bool = False,
+        attn_mask=None,
+        is_causal: bool = False,
+    ):
+        """timm's forward_intermediates on restored grids (restore_tokens, eval): every requested block's
+        output, before or after a pruning point, in the original token order (see `forward_features`)."""
+        pruner = self.token_pruner
+        if not pruner.config.restore_tokens:
+            return super().forward_intermediates()
+        if self.training:
+            raise NotImplementedError("forward_intermediates of a pruned model restores tokens in eval mode only: call model.eval()")
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        from timm.models._features import feature_take_indices
+
+        take, last = feature_take_indices(len(self.blocks), indices)
+        self.start_forward(x, attn_mask, is_causal)
+        batch, (height, width) = len(x), x.shape[-2:]
+        x = self._embed(x)
+        grids = []
+        for index, block in enumerate(self.blocks[: last + 1] if stop_early else self.blocks):
+            x = block(x)
+            if index in take:
+                grid = pruner.restore(x)
+                grids.append(self.norm(grid) if norm else grid)
+        prefix = self.num_prefix_tokens
+        prefixes = [g[:, :prefix] for g in grids] if prefix else None
+        grids = [g[:, prefix:] for g in grids]
+        if output_fmt == "NCHW":
+            rows, cols = self.patch_embed.dynamic_feat_size((height, width))
+            grids = [g.reshape(batch, rows, cols, g.shape[-1]).permute(0, 3, 1, 2).contiguous() for g in grids]
+        if output_dict:
+            result = {"image_intermediates": grids}
+            if prefixes is not None and return_prefix_tokens:
+                result["image_intermediates_prefix"] = prefixes
+            if not intermediates_only:
+                result["image_features"] = self._restored(x)
+            return result
+        if return_prefix_tokens and prefixes is not None:
+            grids = list(zip(grids, prefixes))
+        return grids if intermediates_only else (self._restored(x), grids)
 
 
 class _ScoringBlock:

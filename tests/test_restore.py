@@ -1,0 +1,367 @@
+"""restore_tokens: pruned backbones that still return the full token grid (dense prediction), checked
+against the unpatched model, the same model without restore_tokens, the single-image forward, and a slow
+single-image loop that runs the *unpatched* blocks and fills pruned positions by hand."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import LOCATIONS, images, make_model
+
+import timm_token_prune as ttp
+
+FILLS = ("dropped", "nearest", "offset")
+CASES = ("vit", "registers", "deit_distilled", "no_class_token_avg", "no_class_token_map", "avg_pool_prefix")
+
+
+def restoring(case: str, budget: float = 0.5, **options) -> torch.nn.Module:
+    model = ttp.patch_model(make_model(case), budget=budget, prune_locations=LOCATIONS, restore_tokens=True, **options)
+    if budget < 1.0:
+        ttp.calibrate(model, [images(16, seed=s) for s in (10, 11)])
+    return model
+
+
+def without_restore(model: torch.nn.Module, case: str) -> torch.nn.Module:
+    """The same weights and thresholds, patched without restore_tokens."""
+    config = ttp.PruneConfig.from_dict({**ttp.get_pruner(model).config.to_dict(), "restore_tokens": False})
+    other = ttp.patch_model(make_model(case), config=config)
+    other.load_state_dict(model.state_dict())
+    return other
+
+
+# ---- budget 1.0: the unpatched model ------------------------------------------------------------------
+@pytest.mark.parametrize("case", CASES)
+def test_budget_one_equals_unpatched(case):
+    dense = make_model(case)
+    model = ttp.patch_model(copy.deepcopy(dense), budget=1.0, prune_locations=LOCATIONS, restore_tokens=True)
+    x = images(3)
+    with torch.no_grad():
+        assert (model.forward_features(x) - dense.forward_features(x)).abs().max() <= 1e-5
+        assert (model(x) - dense(x)).abs().max() <= 1e-5
+        for kwargs in (dict(indices=[0, 2, 5]), dict(indices=2, output_fmt="NLC", norm=True)):
+            final, got = model.forward_intermediates(x, **kwargs)
+            expected_final, expected = dense.forward_intermediates(x, **kwargs)
+            assert (final - expected_final).abs().max() <= 1e-5
+            assert len(got) == len(expected)
+            assert all(g.shape == e.shape and (g - e).abs().max() <= 1e-5 for g, e in zip(got, expected))
+
+
+def test_intermediates_options_follow_timm():
+    dense = make_model("registers")
+    model = ttp.patch_model(copy.deepcopy(dense), budget=1.0, prune_locations=LOCATIONS, restore_tokens=True)
+    x = images(2)
+    options = dict(indices=[1, 4], return_prefix_tokens=True, intermediates_only=True)
+    with torch.no_grad():
+        got, expected = model.forward_intermediates(x, **options), dense.forward_intermediates(x, **options)
+        assert all((g - e).abs().max() <= 1e-5 for pair, ref in zip(got, expected) for g, e in zip(pair, ref))
+        got = model.forward_intermediates(x, indices=[3], output_dict=True, return_prefix_tokens=True, stop_early=True)
+        expected = dense.forward_intermediates(x, indices=[3], output_dict=True, return_prefix_tokens=True, stop_early=True)
+    assert got.keys() == expected.keys()
+    for key in got:
+        values = got[key] if isinstance(got[key], list) else [got[key]]
+        references = expected[key] if isinstance(expected[key], list) else [expected[key]]
+        assert all((g - e).abs().max() <= 1e-5 for g, e in zip(values, references)), key
+
+
+# ---- pruned: the grid, and outputs unchanged by restoring ---------------------------------------------
+@pytest.mark.parametrize("policy", ["mass", "topk"])
+@pytest.mark.parametrize("pruned_tokens", ["merge", "drop"])
+@pytest.mark.parametrize("case", CASES)
+def test_logits_and_pooled_bit_equal_without_restore(case, pruned_tokens, policy):
+    model = restoring(case, pruned_tokens=pruned_tokens, keep_policy=policy)
+    plain = without_restore(model, case)
+    x = images(6, seed=3)
+    with torch.no_grad():
+        expected, expected_pooled = plain(x), plain.forward_head(plain.forward_features(x), pre_logits=True)
+        grid = model.forward_features(x)
+        assert ttp.last_stats(model).kept_max[-1] < ttp.last_stats(model).tokens
+        assert grid.shape == (6, ttp.last_stats(model).tokens, 48)
+        assert torch.equal(model.forward_head(grid), expected)
+        assert torch.equal(model.forward_head(grid, pre_logits=True), expected_pooled)
+        assert torch.equal(model(x), expected)
+
+
+@pytest.mark.parametrize("fill", FILLS)
+@pytest.mark.parametrize("case", ["vit", "registers"])
+def test_kept_positions_hold_the_kept_tokens_and_prefix_stays(case, fill):
+    model = restoring(case, restore_fill=fill)
+    plain = without_restore(model, case)
+    x = images(5, seed=4)
+    with torch.no_grad():
+        grid = model.forward_features(x)
+        kept = plain.forward_features(x)  # (B, n, C): the kept tokens, padded with zeros
+    positions, valid = ttp.get_pruner(model).kept_positions()[-1]
+    valid = torch.ones_like(positions, dtype=torch.bool) if valid is None else valid
+    assert not valid.all(), "the batch should mix keep counts (padding and packing)"
+    for b in range(len(x)):
+        rows = positions[b][valid[b]]
+        assert torch.equal(grid[b, rows], kept[b, : len(rows)])
+        assert len(rows) < grid.shape[1]
+    prefix = model.num_prefix_tokens
+    assert torch.equal(grid[:, :prefix], kept[:, :prefix])
+
+
+@pytest.mark.parametrize("fill", FILLS)
+@pytest.mark.parametrize("policy", ["mass", "topk"])
+def test_batch_invariance(fill, policy):
+    model = restoring("registers", restore_fill=fill, keep_policy=policy)
+    x = images(6, seed=3)
+    with torch.no_grad():
+        grid = model.forward_features(x)
+        _, batched = model.forward_intermediates(x, indices=[1, 2, 4], output_fmt="NLC")
+        singles = [model.forward_features(x[i : i + 1]) for i in range(len(x))]
+        single_intermediates = [model.forward_intermediates(x[i : i + 1], indices=[1, 2, 4], output_fmt="NLC")[1] for i in range(len(x))]
+    assert (grid - torch.cat(singles)).abs().max() <= 1e-5
+    for level, block_grid in enumerate(batched):
+        assert (block_grid - torch.cat([s[level] for s in single_intermediates])).abs().max() <= 1e-5
+
+
+def _reference_grid(dense, x, kept_sets, fill, merge):
+    """One image through the unpatched blocks. At each pruning point the tokens outside the library's kept
+    set leave: merged (rows repeated per merged token, as in conftest.reference_prune) or dropped, each into
+    the kept patch most similar to it (cosine). Each original position follows the token standing for it;
+    its fill is read from that token at the end, by hand."""
+    prefix = dense.num_prefix_tokens
+    t = dense.norm_pre(dense.patch_drop(dense._pos_embed(dense.patch_embed(x))))
+    tokens = t.shape[1]
+    rep = torch.arange(tokens)  # row -> the kept token (original position) it belongs to
+    anchor = list(range(tokens))
+    own, offset = {}, [torch.zeros(t.shape[-1]) for _ in range(tokens)]
+    for index, block in enumerate(dense.blocks):
+        t = block(t)
+        if index + 1 not in LOCATIONS:
+            continue
+        keep = kept_sets[LOCATIONS.index(index + 1)]
+        row = {g: int((rep == g).nonzero()[0]) for g in sorted(set(rep.tolist()))}
+        before = {g: t[0, r].clone() for g, r in row.items()}
+        unit = F.normalize(t[0], dim=-1)
+        targets = [g for g in row if g in keep and g >= prefix]
+        destination = {g: max(targets, key=lambda k: float(unit[row[g]] @ unit[row[k]])) for g in row if g not in keep}
+        if merge:
+            for g, d in destination.items():
+                rep[rep == g] = d
+            t = t.clone()
+            for k in targets:
+                t[0, rep == k] = t[0, rep == k].mean(dim=0)
+        else:
+            rows = torch.tensor([int(r) in keep for r in rep])
+            t, rep = t[:, rows], rep[rows]
+        after = {g: t[0, int((rep == g).nonzero()[0])] for g in sorted(set(rep.tolist()))}
+        for p in range(tokens):
+            if anchor[p] in destination:
+                own.setdefault(p, before[anchor[p]])
+                offset[p] = offset[p] + before[anchor[p]] - after[destination[anchor[p]]]
+                anchor[p] = destination[anchor[p]]
+    final = {g: t[0, int((rep == g).nonzero()[0])] for g in set(rep.tolist())}
+    rows = []
+    for p in range(tokens):
+        if p not in own:
+            rows.append(final[p])
+        elif fill == "dropped":
+            rows.append(own[p])
+        elif fill == "nearest":
+            rows.append(final[anchor[p]])
+        else:
+            rows.append(final[anchor[p]] + offset[p])
+    return dense.norm(torch.stack(rows)[None])
+
+
+@pytest.mark.parametrize("pruned_tokens", ["merge", "drop"])
+@pytest.mark.parametrize("fill", FILLS)
+@pytest.mark.parametrize("case", ["vit", "registers", "no_class_token_avg"])
+def test_fill_matches_slow_reference_loop(case, fill, pruned_tokens):
+    model = restoring(case, restore_fill=fill, pruned_tokens=pruned_tokens)
+    dense = copy.deepcopy(model)
+    ttp.unpatch_model(dense)
+    pruner = ttp.get_pruner(model)
+    x = images(3, seed=5)
+    with torch.no_grad():
+        for i in range(len(x)):
+            grid = model.forward_features(x[i : i + 1])
+            # kept_positions()[s]: the tokens entering stage s, i.e. those kept at pruning point s
+            kept_sets = [set(positions[0].tolist()) for positions, _ in pruner.kept_positions()]
+            expected = _reference_grid(dense, x[i : i + 1], kept_sets, fill, pruned_tokens == "merge")
+            assert (grid - expected).abs().max() <= 1e-4
+
+
+def test_chains_resolve_to_final_tokens():
+    """A token pruned at stage 1 whose destination is pruned later is restored from a token still kept
+    at the end."""
+    model = restoring("vit", restore_fill="nearest")
+    pruner = ttp.get_pruner(model)
+    chained = 0
+    with torch.no_grad():
+        for i in range(4):
+            model.forward_features(images(1, seed=20 + i))
+            stages = [set(positions[0].tolist()) for positions, _ in pruner.kept_positions()]
+            sources = pruner.restored_sources()[0].tolist()
+            assert all(s in stages[-1] for s in sources)
+            chained += sum(1 for p, s in enumerate(sources) if p not in stages[0])
+    assert chained > 0
+
+
+# ---- errors ---------------------------------------------------------------------------------------------
+def test_config_field_validated_and_serialised():
+    with pytest.raises(TypeError, match="restore_tokens"):
+        ttp.PruneConfig(restore_tokens="yes")
+    with pytest.raises(ValueError, match="restore_fill"):
+        ttp.PruneConfig(restore_fill="zeros")
+    config = ttp.PruneConfig(restore_tokens=True, restore_fill="nearest")
+    assert ttp.PruneConfig.from_json(config.to_json()) == config
+    old = ttp.PruneConfig.from_dict({"budget": 0.7, "format_version": 1})
+    assert old.restore_tokens is False and old.pruned_tokens == "drop"
+
+
+def test_intermediates_without_restore_or_in_training_raise():
+    model = ttp.patch_model(make_model("vit"), budget=0.5, prune_locations=LOCATIONS)
+    with pytest.raises(NotImplementedError, match="restore_tokens=True"):
+        model.forward_intermediates(images(1))
+    model = restoring("vit").train()
+    with pytest.raises(NotImplementedError, match="eval"):
+        model.forward_intermediates(images(1))
+    with pytest.raises(RuntimeError, match="eval"):
+        model(images(2))
+        ttp.get_pruner(model).restore(torch.zeros(2, 5, 48))
+
+
+def test_unsupported_models_name_the_option():
+    from timm.models.eva import Eva
+
+    eva = Eva(img_size=32, patch_size=4, embed_dim=48, depth=6, num_heads=4, num_classes=10)
+    with pytest.raises(ttp.UnsupportedModelError, match="restore_tokens"):
+        ttp.patch_model(eva, budget=0.5, restore_tokens=True)
+    assert not hasattr(eva, "token_pruner")
+
+
+def test_pooling_a_foreign_grid_raises():
+    model = restoring("avg_pool_prefix")
+    with torch.no_grad():
+        grid = model.forward_features(images(4))
+        with pytest.raises(ValueError, match="kept"):
+            model.forward_head(grid.clone())
+
+
+# ---- transformers ----------------------------------------------------------------------------------------
+def _hf_pair(case: str, budget: float = 0.5):
+    """A transformers model patched with restore_tokens, the same without, and the dense model."""
+    from test_hf import make_hf
+
+    dense = make_hf(case)
+    model = ttp.patch_model(copy.deepcopy(dense), budget=budget, prune_locations=LOCATIONS, restore_tokens=True)
+    if budget < 1.0:
+        ttp.calibrate(model, [images(16, seed=s) for s in (10, 11)])
+    plain = ttp.patch_model(copy.deepcopy(dense), budget=budget, prune_locations=LOCATIONS)
+    plain.load_state_dict(model.state_dict())
+    return model, plain, dense
+
+
+HF = ("vit_model_pooler", "deit_with_teacher", "dinov2_registers", "clip_classifier", "siglip_vision_map_head",
+      "siglip_classifier")
+
+
+@pytest.mark.parametrize("case", HF)
+def test_hf_outputs_bit_equal_and_grids_full(case):
+    from test_hf import main_output
+
+    model, plain, dense = _hf_pair(case)
+    x = images(5, seed=3)
+    with torch.no_grad():
+        expected = main_output(plain(x))
+        out = model(x, output_hidden_states=True)
+        reference = dense(x, output_hidden_states=True)
+        assert torch.equal(main_output(out), expected)
+        assert torch.equal(main_output(model(x)), expected)
+    tokens = ttp.last_stats(model).tokens
+    assert ttp.last_stats(model).kept_max[-1] < tokens
+    assert len(out.hidden_states) == len(reference.hidden_states)
+    assert all(h.shape == (5, tokens, 48) for h in out.hidden_states)
+    before = len(out.hidden_states) - 6 + LOCATIONS[0] - 1  # entries of the layers before the first scoring one
+    for got, ref in zip(out.hidden_states[:before], reference.hidden_states[:before]):
+        assert (got - ref).abs().max() <= 1e-5
+    last = getattr(out, "last_hidden_state", None)
+    assert last is None or last.shape == (5, tokens, 48)
+
+
+@pytest.mark.parametrize("case", ["vit_model_pooler", "dinov2_registers"])
+def test_hf_budget_one_equals_unpatched(case):
+    model, _, dense = _hf_pair(case, budget=1.0)
+    x = images(3)
+    with torch.no_grad():
+        got, expected = model(x, output_hidden_states=True), dense(x, output_hidden_states=True)
+    for g, e in zip(got.hidden_states, expected.hidden_states):
+        assert (g - e).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("fill", FILLS)
+def test_hf_kept_positions_and_batch_invariance(fill):
+    from test_hf import make_hf
+
+    model = ttp.patch_model(make_hf("vit_model_pooler"), budget=0.5, prune_locations=LOCATIONS, restore_tokens=True,
+                            restore_fill=fill)
+    ttp.calibrate(model, [images(16, seed=s) for s in (10, 11)])
+    plain = ttp.patch_model(make_hf("vit_model_pooler"), budget=0.5, prune_locations=LOCATIONS)
+    plain.load_state_dict(model.state_dict())
+    x = images(6, seed=4)
+    with torch.no_grad():
+        out = model(x, output_hidden_states=True)
+        kept = plain(x).last_hidden_state
+        positions, valid = ttp.get_pruner(model).kept_positions()[-1]
+        singles = [model(x[i : i + 1], output_hidden_states=True) for i in range(len(x))]
+    assert valid is not None, "the batch should mix keep counts"
+    for b in range(len(x)):
+        rows = positions[b][valid[b]]
+        assert torch.equal(out.last_hidden_state[b, rows], kept[b, : len(rows)])
+    assert (out.last_hidden_state - torch.cat([s.last_hidden_state for s in singles])).abs().max() <= 1e-5
+    for level, grid in enumerate(out.hidden_states):
+        assert (grid - torch.cat([s.hidden_states[level] for s in singles])).abs().max() <= 1e-5
+
+
+def test_hf_hidden_states_errors_say_what_to_do():
+    model, plain, _ = _hf_pair("vit_model_pooler")
+    with pytest.raises(NotImplementedError, match="restore_tokens=True"):
+        plain(images(2), output_hidden_states=True)
+    with pytest.raises(NotImplementedError, match="output_hidden_states=True"):
+        model(images(2), output_hidden_states=[1, 2])
+    with pytest.raises(NotImplementedError, match="eval"):
+        model.train()(images(2), output_hidden_states=True)
+
+
+@pytest.mark.parametrize("fill", ["offset", "dropped"])
+def test_visualize_shows_the_restored_grid(fill):
+    model = restoring("vit", restore_fill=fill)
+    picture = ttp.visualize(model, images(1)[0], scale=4)
+    plain = ttp.visualize(without_restore(model, "vit"), images(1)[0], scale=4)
+    assert picture.width > plain.width  # one more panel
+    pruner = ttp.get_pruner(model)
+    filled = pruner.state.restore.pruned[0]
+    sources = pruner.restored_sources()[0]
+    kept = set(pruner.kept_positions()[-1][0][0].tolist())
+    assert filled.any() and not filled[0]
+    assert all((int(s) in kept) != (fill == "dropped" and bool(f)) for s, f in zip(sources, filled))
+
+
+def test_empty_batch_gives_empty_grids():
+    model = restoring("registers")
+    with torch.no_grad():
+        grid = model.forward_features(images(0))
+        final, maps = model.forward_intermediates(images(0), indices=[1, 4])
+    assert grid.shape == final.shape == (0, 69, 48)
+    assert all(m.shape == (0, 48, 8, 8) for m in maps)
+
+
+def test_training_is_unchanged_by_restore_tokens():
+    """Training forwards keep tokens off the grid; loss and gradients are those of restore_tokens=False."""
+    model = restoring("vit")
+    plain = without_restore(model, "vit")
+    x, y = images(8, seed=9), torch.arange(8) % 10
+    losses, grads = [], []
+    for m in (model, plain):
+        m.train()
+        loss = F.cross_entropy(m(x), y) + 2.0 * ttp.budget_loss(m)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(ttp.get_pruner(m).thresholds.grad.clone())
+    assert losses[0] == losses[1] and torch.equal(grads[0], grads[1])
