@@ -227,13 +227,30 @@ def test_intermediates_without_restore_or_in_training_raise():
         ttp.get_pruner(model).restore(torch.zeros(2, 5, 48))
 
 
-def test_unsupported_models_name_the_option():
-    from timm.models.eva import Eva
+def test_an_adapter_that_cannot_restore_names_the_option():
+    from timm.models.vision_transformer import VisionTransformer
 
-    eva = Eva(img_size=32, patch_size=4, embed_dim=48, depth=6, num_heads=4, num_classes=10)
-    with pytest.raises(ttp.UnsupportedModelError, match="restore_tokens"):
-        ttp.patch_model(eva, budget=0.5, restore_tokens=True)
-    assert not hasattr(eva, "token_pruner")
+    from timm_token_prune import adapters
+    from timm_token_prune.adapters import VisionTransformerAdapter, register_adapter
+
+    class NoGrid(VisionTransformer):
+        pass
+
+    class NoGridAdapter(VisionTransformerAdapter):
+        name, restores_tokens = "no-grid", False
+
+        def model_classes(self):
+            return (NoGrid,)
+
+    adapter = NoGridAdapter()
+    register_adapter(adapter)
+    try:
+        model = NoGrid(img_size=32, patch_size=4, embed_dim=48, depth=6, num_heads=4, num_classes=10)
+        with pytest.raises(ttp.UnsupportedModelError, match="restore_tokens"):
+            ttp.patch_model(model, budget=0.5, restore_tokens=True)
+        assert not hasattr(model, "token_pruner")
+    finally:
+        adapters.ADAPTERS.remove(adapter)
 
 
 def test_pooling_a_foreign_grid_raises():
@@ -242,6 +259,55 @@ def test_pooling_a_foreign_grid_raises():
         grid = model.forward_features(images(4))
         with pytest.raises(ValueError, match="kept"):
             model.forward_head(grid.clone())
+
+
+# ---- timm eva and beit --------------------------------------------------------------------------------
+FAMILIES = ("eva02", "eva_rope_mixed_token", "eva_gqa_registers_no_class_map", "eva_dinov3_registers", "beit",
+            "beit_shared_bias_token")
+
+
+@pytest.mark.parametrize("case", FAMILIES)
+def test_families_budget_one_equals_unpatched(case):
+    from test_timm_families import make
+
+    dense = make(case)
+    model = ttp.patch_model(make(case), budget=1.0, prune_locations=LOCATIONS, restore_tokens=True)
+    x = images(3)
+    with torch.no_grad():
+        assert (model.forward_features(x) - dense.forward_features(x)).abs().max() <= 1e-5
+        assert (model(x) - dense(x)).abs().max() <= 1e-5
+        final, got = model.forward_intermediates(x, indices=[0, 2, 5])
+        expected_final, expected = dense.forward_intermediates(x, indices=[0, 2, 5])
+    assert (final - expected_final).abs().max() <= 1e-5
+    assert all(g.shape == e.shape and (g - e).abs().max() <= 1e-5 for g, e in zip(got, expected))
+
+
+@pytest.mark.parametrize("case", FAMILIES)
+def test_families_restore_the_grid_with_logits_unchanged(case):
+    from test_timm_families import make, patched
+
+    model = patched(case, restore_tokens=True, restore_fill="nearest")
+    config = ttp.PruneConfig.from_dict({**ttp.get_pruner(model).config.to_dict(), "restore_tokens": False})
+    plain = ttp.patch_model(make(case), config=config)
+    plain.load_state_dict(model.state_dict())
+    x = images(6, seed=3)
+    with torch.no_grad():
+        expected, kept = plain(x), plain.forward_features(x)
+        grid = model.forward_features(x)
+        assert torch.equal(model.forward_head(grid), expected)
+        positions, valid = ttp.get_pruner(model).kept_positions()[-1]
+        sources = ttp.get_pruner(model).restored_sources()
+        _, maps = model.forward_intermediates(x, indices=[1, 5], output_fmt="NLC")
+        singles = [model.forward_features(x[i : i + 1]) for i in range(len(x))]
+    tokens = ttp.last_stats(model).tokens
+    assert grid.shape == (6, tokens, 48) and all(m.shape == (6, tokens - model.num_prefix_tokens, 48) for m in maps)
+    valid = torch.ones_like(positions, dtype=torch.bool) if valid is None else valid
+    for b in range(len(x)):
+        rows = positions[b][valid[b]]
+        assert len(rows) < tokens
+        assert torch.equal(grid[b, rows], kept[b, : len(rows)])  # kept positions: the kept tokens
+        assert torch.equal(grid[b], grid[b, sources[b]])  # 'nearest': every fill copies a kept token
+    assert (grid - torch.cat(singles)).abs().max() <= 1e-5  # batch invariance
 
 
 # ---- transformers ----------------------------------------------------------------------------------------
@@ -336,7 +402,7 @@ def test_visualize_shows_the_restored_grid(fill):
     plain = ttp.visualize(without_restore(model, "vit"), images(1)[0], scale=4)
     assert picture.width > plain.width  # one more panel
     pruner = ttp.get_pruner(model)
-    filled = pruner.state.restore.pruned[0]
+    filled = pruner.state.layout.restore.pruned[0]
     sources = pruner.restored_sources()[0]
     kept = set(pruner.kept_positions()[-1][0][0].tolist())
     assert filled.any() and not filled[0]

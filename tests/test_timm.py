@@ -30,7 +30,9 @@ def test_budget_one_equals_unpatched(case):
         ttp.patch_model(model, budget=1.0, prune_locations=LOCATIONS)
         got = model(x)
     assert (got - expected).abs().max().item() <= 1e-5
-    assert ttp.last_stats(model).kept_min == [ttp.last_stats(model).tokens] * len(LOCATIONS)
+    stats = ttp.last_stats(model)
+    assert stats.kept_min == [stats.tokens] * len(LOCATIONS)
+    assert stats.flops_ratio == 1.0  # nothing scored or compared: no score or similarity FLOPs either
 
 
 def test_unpatch_restores_exactly(case):
@@ -176,7 +178,7 @@ def _train_step(model: torch.nn.Module, x: torch.Tensor, drop_in_training: bool)
     loss = F.cross_entropy(logits, torch.arange(len(x)) % 10) + 2.0 * ttp.budget_loss(model)
     loss.backward()
     grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
-    return loss.item(), grads, any(order is not None for order, _ in pruner.state.kept)
+    return loss.item(), grads, any(order is not None for order, _ in pruner.state.layout.kept)
 
 
 @pytest.mark.parametrize("policy", ["mass", "threshold", "topk"])

@@ -45,8 +45,8 @@ def patch_model(model: nn.Module, budget: float = 0.65, *, config: PruneConfig |
     if config.restore_tokens and not adapter.restores_tokens:
         raise UnsupportedModelError(
             f"cannot patch {type(model).__name__} with restore_tokens=True: the {adapter.name!r} adapter does not "
-            "restore pruned tokens to the grid yet (timm VisionTransformer models do); patch it without "
-            "restore_tokens, or unpatched, for dense outputs"
+            "restore pruned tokens to the grid: for dense outputs use the model unpatched, or patch it without "
+            "restore_tokens for pooled outputs"
         )
     pruner = adapter.patch(model, config, locations)
     pruner.train(model.training)  # a new module starts in train mode; follow the model's

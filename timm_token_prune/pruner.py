@@ -3,6 +3,8 @@
 Adapters call three hooks from the patched modules:
 `begin()` at the start of the model's forward, `attention()` in each attention after the first
 pruning point (and in the scoring ones), `prune()` at the end of each scoring block.
+The pruner decides which tokens go (scores, keep policy, thresholds, training masks, FLOPs); where the
+remaining tokens are (order, padding, packing, sizes, the restore map) is the `TokenLayout`'s business.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from torch import nn
 from . import core
 from .config import REFERENCE_NUM_PATCHES, REFERENCE_THRESHOLDS, PruneConfig
 from .flops import FlopsModel, solve_keep_ratio
-from .restore import RestoreMap
+from .layout import TokenLayout
 
 _KEEP_ALL = -1.0  # every policy's statistic is >= 0, so this threshold keeps every token
 FAR_IN_TEMPERATURES = 20.0  # training: pruned tokens this far below their threshold leave the forward
@@ -32,24 +34,18 @@ class ForwardState:
 
     def __init__(self, stop_after: int | None = None) -> None:
         self.num_tokens: int | None = None  # tokens per image before any pruning
-        self.valid: torch.Tensor | None = None  # eval, bool (B, N): real tokens of a padded batch
-        self.pack_index: torch.Tensor | None = None  # eval: flat positions in (B * N) of the packed tokens
-        self.unpack_index: torch.Tensor | None = None  # eval: packed row read by each of the B * N positions
+        self.layout = TokenLayout()  # where the tokens are: order, padding, packing, sizes, restore map
         self.soft_mask: torch.Tensor | None = None  # train, float (B, N): straight-through keep mask
         self.scores: torch.Tensor | None = None  # scores of the current scoring block
         self.counts: list[torch.Tensor] = []  # tokens per image entering each pruned stage
         self.stage_scores: list[tuple[torch.Tensor, torch.Tensor | None]] = []  # (scores, eligible)
-        self.kept: list[tuple[torch.Tensor | None, torch.Tensor | None]] = []  # eval, per stage: (order, valid)
         self.pool_source: torch.Tensor | None = None  # adapters: tokens a mean-pooling head reads
-        self.positions: torch.Tensor | None = None  # eval, (B, N): original index of each token; None: unmoved
-        self.sizes: torch.Tensor | None = None  # merging, float (B, N): tokens each one stands for; None: all 1
-        self.gathered: dict = {}  # gather_rope's cache: (id, stage) -> (rope, gathered rope)
-        self.restore: RestoreMap | None = None  # eval, restore_tokens: where each original position lives
         self.restored: torch.Tensor | None = None  # adapters: the restored grid last returned (see pool_source)
         self.kept_final: torch.Tensor | None = None  # transformers, restoring: the last layer's kept tokens
         self.head_source: torch.Tensor | None = None  # transformers, restoring: normed kept tokens for a head
         self.hidden_grids: dict[int, torch.Tensor] | None = None  # transformers: layer index -> restored grid
         self.stop_after = stop_after
+        self.scored = True  # False: every threshold kept every token, nothing was scored (costs no score FLOPs)
         self.empty = False  # a batch of 0 images: nothing to score or prune
 
 
@@ -200,7 +196,7 @@ class TokenPruner(nn.Module):
         """Whether attentions must hide or weigh some keys (padding in eval, pruned tokens in training, merged
         tokens), so that the zoo's own attention cannot stand in."""
         state = self.state
-        return state.valid is not None or state.soft_mask is not None or state.sizes is not None
+        return state.layout.valid is not None or state.soft_mask is not None or state.layout.sizes is not None
 
     def attention(
         self,
@@ -215,14 +211,14 @@ class TokenPruner(nn.Module):
     ) -> torch.Tensor:
         """Masked fused attention; a scoring attention (`stage` set) also records the token scores.
         `bias`: an additive attention bias in the current token layout (see `gather_bias`)."""
-        state = self.state
+        state, layout = self.state, self.state.layout
         if state.num_tokens is None:
             state.num_tokens = int(q.shape[2])  # a plain int, also when traced for export
-        if state.sizes is not None:
-            sizes = core.size_bias(state.sizes, q.dtype)
+        if layout.sizes is not None:
+            sizes = core.size_bias(layout.sizes, q.dtype)
             bias = sizes if bias is None else bias + sizes
         context = core.attend(
-            q, k, v, valid=state.valid, soft_mask=state.soft_mask, bias=bias, dropout_p=dropout_p, scale=scale
+            q, k, v, valid=layout.valid, soft_mask=state.soft_mask, bias=bias, dropout_p=dropout_p, scale=scale
         )
         if stage is not None:
             # earlier masks enter the score detached: a threshold must not steer later stages through the
@@ -230,34 +226,17 @@ class TokenPruner(nn.Module):
             earlier = None if state.soft_mask is None else state.soft_mask.detach()
             state.scores = core.token_scores(
                 q, k, context, scale=scale, method=self.config.score, class_token=self.class_token,
-                valid=state.valid, soft_mask=earlier, bias=bias, sizes=state.sizes,
+                valid=layout.valid, soft_mask=earlier, bias=bias, sizes=layout.sizes,
             )
         return context
 
     def gather_bias(self, bias: torch.Tensor) -> torch.Tensor:
-        """An attention bias over the original tokens (B or 1, H, N0, N0) -> the current tokens' rows and
-        columns (B, H, N, N); unchanged while no token has moved."""
-        positions = self.state.positions
-        return bias if positions is None else core.gather_bias(bias, positions)
+        """See `TokenLayout.gather_bias`."""
+        return self.state.layout.gather_bias(bias)
 
     def gather_rope(self, rope: torch.Tensor) -> torch.Tensor:
-        """Rotary embeddings over the original patches -> those of each image's current patches (cached per
-        layout, so blocks sharing one rope tensor gather it once)."""
-        state = self.state
-        if state.positions is None:
-            return rope
-        key = (id(rope), len(state.kept))  # the cache holds `rope` itself, so its id stays unique
-        cached = state.gathered.get(key)
-        if cached is None or cached[0] is not rope:
-            cached = state.gathered[key] = (rope, core.gather_rope(rope, state.positions, self.num_prefix_tokens))
-        return cached[1]
-
-    def _moved(self, order: torch.Tensor, tokens: int) -> None:
-        """The layout of `tokens` tokens per image was gathered by `order` (B, M)."""
-        state = self.state
-        state.positions = order if state.positions is None else state.positions.gather(1, order)
-        if state.restore is not None:
-            state.restore.moved(order, tokens)
+        """See `TokenLayout.gather_rope`."""
+        return self.state.layout.gather_rope(rope, self.num_prefix_tokens)
 
     def prune(self, x: torch.Tensor, stage: int) -> torch.Tensor:
         """Drop or merge (eval) or mask (train) the tokens of `x` that the last scoring attention rated low."""
@@ -266,12 +245,13 @@ class TokenPruner(nn.Module):
             if state.num_tokens is None:
                 state.num_tokens = int(x.shape[1])
             state.counts.append(torch.full(x.shape[:1], x.shape[1], device=x.device))
-            state.kept.append((None, None))
+            state.layout.unmoved()
+            state.scored = False
             return x
         scores, state.scores = state.scores, None
         if scores is None:
             raise RuntimeError("prune() called without scores: the scoring attention did not run")
-        eligible = state.valid if not self.training else _hard(state.soft_mask)
+        eligible = state.layout.valid if not self.training else _hard(state.soft_mask)
         x = self.unpack(x)  # (B, N, C): eval batches may arrive packed
         wanted = self.merging or self.config.novelty or self.restoring
         similarity = core.token_similarity(x) if wanted else None
@@ -309,8 +289,8 @@ class TokenPruner(nn.Module):
             band = self.thresholds[stage].detach() - FAR_IN_TEMPERATURES * self.config.soft_temperature
             remove &= statistic < band
         remove[:, : self.num_prefix_tokens] = False
-        remain = ~remove
-        return remain if self.state.valid is None else remain & self.state.valid
+        valid = self.state.layout.valid
+        return ~remove if valid is None else ~remove & valid
 
     @property
     def fixed_counts(self) -> bool:
@@ -330,19 +310,17 @@ class TokenPruner(nn.Module):
     def _merge(self, x: torch.Tensor, keep: torch.Tensor, eligible: torch.Tensor | None, similarity) -> torch.Tensor:
         """Fold the tokens `keep` drops (of those `eligible`) into their most similar kept ones (merging), and
         record where they went (restoring); x is (B, N, C)."""
-        state = self.state
+        layout = self.state.layout
         dropped = ~keep if eligible is None else eligible & ~keep
         destination = core.nearest_kept(similarity, keep, self.num_prefix_tokens)
         before = x
         if self.merging:
-            sizes = state.sizes if state.sizes is not None else x.new_ones(keep.shape, dtype=torch.float32)
-            x, state.sizes = core.merge_into_kept(
+            sizes = layout.sizes if layout.sizes is not None else x.new_ones(keep.shape, dtype=torch.float32)
+            x, layout.sizes = core.merge_into_kept(
                 x, keep, dropped, sizes, self.num_prefix_tokens, destination=destination
             )
         if self.restoring:
-            if state.restore is None:
-                state.restore = RestoreMap(x.shape[0], x.shape[1], self.config.restore_fill, x.device)
-            state.restore.record(before, x, dropped, destination)
+            layout.record_merge(self.config.restore_fill, before, x, dropped, destination)
         return x
 
     def _gather_topk(self, x: torch.Tensor, scores: torch.Tensor, stage: int, similarity) -> torch.Tensor:
@@ -353,13 +331,10 @@ class TokenPruner(nn.Module):
         best = scores[:, prefix:].topk(k, dim=1).indices.sort(dim=1).values + prefix
         order = torch.cat([torch.arange(prefix, device=x.device).expand(best.shape[0], -1), best], dim=1)
         state.counts.append(torch.full_like(best[:, 0], prefix + k))
-        state.kept.append((order, None))
         if self.merging or self.restoring:
             keep = torch.zeros_like(scores, dtype=torch.bool).scatter(1, order, torch.ones_like(order, dtype=torch.bool))
             x = self._merge(x, keep, None, similarity)
-            if state.sizes is not None:
-                state.sizes = state.sizes.gather(1, order)
-        self._moved(order, x.shape[1])
+        state.layout.move(order, x.shape[1])
         return x.gather(1, order[..., None].expand(-1, -1, x.shape[-1]))
 
     def _keep(self, scores: torch.Tensor, stage: int, eligible: torch.Tensor | None) -> torch.Tensor:
@@ -406,46 +381,20 @@ class TokenPruner(nn.Module):
         return torch.cat([torch.ones_like(mask[:, :prefix]), mask[:, prefix:]], dim=1)
 
     def _gather(self, x: torch.Tensor, remain: torch.Tensor) -> torch.Tensor:
-        """Move each image's remaining tokens (and their sizes and training masks) to the front and cut the
-        batch to the longest; a batch whose images keep different counts is packed (see `pack`)."""
+        """Move each image's remaining tokens (and their training masks) to the front (`TokenLayout.gather`)."""
         state = self.state
-        batch, tokens = remain.shape
-        counts = remain.sum(dim=1)
-        per_image = counts.tolist()  # the one host sync of a pruning point
-        most, fewest, total = max(per_image), min(per_image), sum(per_image)
-        if fewest == tokens:  # nothing removed, no padding
-            state.kept.append((None, None))
-            return x
-        x, order = core.gather_kept(x, remain, most)
-        if state.sizes is not None:
-            state.sizes = state.sizes.gather(1, order)
-        if most == fewest:
-            state.valid = state.pack_index = state.unpack_index = None
-        else:
-            state.valid = torch.arange(most, device=x.device) < counts[:, None]
-            state.pack_index, state.unpack_index = core.packing(state.valid, total)
-        if state.soft_mask is not None:  # training: padding is hidden like a pruned token
-            state.soft_mask = state.soft_mask.gather(1, order)
-            if state.valid is not None:
-                state.soft_mask = state.soft_mask * state.valid
-        state.kept.append((order, state.valid))
-        self._moved(order, tokens)
-        return self.pack(x)
+        x, order = state.layout.gather(x, remain)
+        if order is not None and state.soft_mask is not None:  # training: padding is hidden like a pruned token
+            state.soft_mask = state.layout.follow(state.soft_mask, order)
+        return x
 
     def kept_positions(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """Eval: for each stage of the last forward, the original token positions (B, N_s) that entered
         it and their validity mask (None: all valid)."""
         state = self.state
-        if state.num_tokens is None or len(state.kept) != len(self.locations):
+        if state.num_tokens is None or len(state.layout.kept) != len(self.locations):
             raise RuntimeError("kept_positions needs a full forward pass in eval mode first")
-        batch = state.counts[0].shape[0]
-        index = torch.arange(state.num_tokens, device=state.counts[0].device).expand(batch, -1)
-        positions, valid = [], None
-        for order, stage_valid in state.kept:
-            if order is not None:
-                index, valid = index.gather(1, order), stage_valid
-            positions.append((index, valid))
-        return positions
+        return state.layout.kept_positions(state.num_tokens, state.counts[0].shape[0], state.counts[0].device)
 
     def restore(self, x: torch.Tensor) -> torch.Tensor:
         """restore_tokens, eval: the tokens of the last forward at any point after embedding (packed or
@@ -455,51 +404,25 @@ class TokenPruner(nn.Module):
             raise RuntimeError("this model was patched without restore_tokens: patch it with restore_tokens=True")
         if self.training:
             raise RuntimeError("restore_tokens works in eval mode only (training keeps tokens off the grid): call model.eval()")
-        state = self.state
-        x = self.unpack(x)
-        return x if state.restore is None else state.restore.restore(x)
+        return self.state.layout.restored(x)
 
     def restored_sources(self) -> torch.Tensor | None:
         """restore_tokens, after an eval forward: the original position (B, N0) each position's fill comes
         from ('nearest' / 'offset': the kept token it was restored from; itself when kept or with 'dropped');
         None when nothing was pruned."""
-        state = self.state
-        if state.restore is None:
-            return None
-        anchor = state.restore.anchor
-        own = torch.arange(anchor.shape[1], device=anchor.device).expand_as(anchor)
-        if self.config.restore_fill == "dropped":
-            return own
-        positions = own if state.positions is None else state.positions
-        return state.restore.sources(positions)
+        return self.state.layout.restored_sources(self.config.restore_fill)
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, N, C) padded tokens -> (1, T, C) with only the real ones, when the batch is padded.
-
-        Blocks then run their linear layers on real tokens only; attention unpacks them (`unpack`)."""
-        index = self.state.pack_index
-        return x if index is None else x.flatten(0, 1).index_select(0, index)[None]
+        """See `TokenLayout.pack`."""
+        return self.state.layout.pack(x)
 
     def unpack(self, x: torch.Tensor, zero_padding: bool = False) -> torch.Tensor:
-        """Inverse of `pack`: (1, T, C) -> (B, N, C). Padding holds a copy of the image's first token
-        (finite, and hidden as a key), or zeros with `zero_padding`."""
-        state = self.state
-        if state.pack_index is None:
-            return x
-        batch, tokens = state.valid.shape
-        if zero_padding:
-            out = x.new_zeros(batch * tokens, x.shape[-1]).index_copy_(0, state.pack_index, x[0])
-        else:
-            out = x[0].index_select(0, state.unpack_index)
-        return out.view(batch, tokens, -1)
+        """See `TokenLayout.unpack`."""
+        return self.state.layout.unpack(x, zero_padding)
 
     def pool_weights(self) -> torch.Tensor | None:
         """Weights (B, N) of the current tokens for average pooling, or None when all count equally."""
-        state = self.state
-        weights = state.soft_mask if state.soft_mask is not None else state.valid
-        if state.sizes is None:
-            return weights
-        return state.sizes if weights is None else weights * state.sizes
+        return self.state.layout.pool_weights(self.state.soft_mask)
 
     # ---- FLOPs -------------------------------------------------------------------------------------
     def _macs(self) -> tuple[torch.Tensor | float, float]:
@@ -508,7 +431,7 @@ class TokenPruner(nn.Module):
         if tokens is None or len(state.counts) != len(self.locations):
             raise RuntimeError("the last forward pass did not reach every pruning point: run a full forward first")
         patches = tokens - self.num_prefix_tokens
-        macs = self.flops.macs(state.counts, tokens, patches)
+        macs = self.flops.macs(state.counts, tokens, patches, scoring=state.scored)
         return macs, self.flops.dense_macs(tokens, patches)
 
     def budget_loss(self) -> torch.Tensor:

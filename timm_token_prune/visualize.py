@@ -113,8 +113,8 @@ def _restored_panel(pruner, rgb: torch.Tensor, grid_h: int, grid_w: int, patch: 
     own = torch.arange(patches)
     sources = own if sources is None else sources[0, prefix:].cpu() - prefix
     filled = torch.zeros(patches, dtype=torch.bool)
-    if pruner.state.restore is not None:
-        filled = pruner.state.restore.pruned[0, prefix:].cpu()
+    if pruner.state.layout.restore is not None:
+        filled = pruner.state.layout.restore.pruned[0, prefix:].cpu()
     mask = filled.view(grid_h, grid_w).repeat_interleave(patch[0], 0).repeat_interleave(patch[1], 1)
     mask = torch.nn.functional.pad(mask, (0, rgb.shape[2] - mask.shape[1], 0, rgb.shape[1] - mask.shape[0]))
     tinted = torch.where(mask, 0.5 * rgb + 0.5 * torch.tensor([0.2, 0.4, 0.9])[:, None, None], rgb)

@@ -6,6 +6,7 @@ from the standard `Block` / `Attention`. It knows timm's module names; the pruni
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +51,7 @@ class TimmAdapter(Adapter):
     the classes of its blocks, attentions and model."""
 
     zoo = "timm"
+    restores_tokens = True
 
     def unpatch(self, model: nn.Module) -> None:
         for block in model.blocks:
@@ -110,7 +112,6 @@ class VisionTransformerAdapter(TimmAdapter):
         "'token', 'avg', 'max', 'avgmax' or 'map', and blocks of the standard timm.layers Block (or "
         "ResPostBlock) with Attention"
     )
-    restores_tokens = True
 
     def model_classes(self) -> tuple[type, ...]:
         classes = _timm()
@@ -168,8 +169,11 @@ def swap_blocks(model: nn.Module, pruner: TokenPruner, attention: type) -> None:
 
 
 class PrunedModel:
-    """What every patched timm model class shares: input checks, and no feature maps (see
-    `_PrunedVisionTransformer` for those of restore_tokens)."""
+    """What every patched timm model class shares: input checks, and token outputs restored to the full
+    grid with restore_tokens (eval): blocks run on the kept tokens, the final tokens are put back in the
+    original order with pruned positions filled (`TokenPruner.restore`), then the final norm runs on the
+    grid. Pooling and the heads still read the kept tokens, so logits are those of restore_tokens=False,
+    bit for bit. A family gives `_embed` (timm's forward_features before the blocks)."""
 
     def start_forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> None:
         if attn_mask is not None or is_causal:
@@ -182,56 +186,44 @@ class PrunedModel:
         check_images(self, x)
         self.token_pruner.begin(len(x))
 
-    def forward_intermediates(self, *args, **kwargs):
-        raise NotImplementedError(
-            "forward_intermediates returns spatial feature maps, which pruned tokens no longer form: "
-            "patch the model with restore_tokens=True (timm VisionTransformer models), or call "
-            "timm_token_prune.unpatch_model(model) first"
-        )
-
-
-class _PrunedVisionTransformer(PrunedModel):
-    """With restore_tokens (eval), token outputs are restored to the full grid: blocks run on the kept
-    tokens, the final tokens are put back in the original order with pruned positions filled
-    (`TokenPruner.restore`), then the final norm runs on the grid. Pooling and the heads still read the
-    kept tokens, so logits are those of restore_tokens=False, bit for bit."""
+    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, Callable[[int, nn.Module, torch.Tensor], torch.Tensor]]:
+        """timm's forward_features before the blocks: the tokens, and how block `index` runs on them."""
+        raise NotImplementedError
 
     def forward_features(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
         self.start_forward(x, attn_mask, is_causal)
         if not self.token_pruner.restoring:
             return self.token_pruner.unpack(super().forward_features(x), zero_padding=True)
-        return self._restored(self.blocks(self._embed(x)))
+        return self._blocks_and_norm(x)
 
-    def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        """timm's forward_features before the blocks."""
-        return self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
+    def _blocks_and_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """forward_features after `start_forward`: the blocks on the kept tokens, then the final norm."""
+        x, run = self._embed(x)
+        for index, block in enumerate(self.blocks):
+            x = run(index, block, x)
+        return self._final(x)
 
-    def _restored(self, x: torch.Tensor) -> torch.Tensor:
-        """The final tokens -> the normed grid; the kept ones, normed as without restoring, for the head."""
+    def _final(self, x: torch.Tensor) -> torch.Tensor:
+        """The final tokens -> normed, padded tokens; with restore_tokens the normed grid, the kept tokens
+        normed as without restoring kept for the head (see `_head_input`)."""
         pruner = self.token_pruner
+        kept = pruner.unpack(self.norm(x), zero_padding=True)
+        if not pruner.restoring:
+            return kept
         state = pruner.state
-        state.pool_source = pruner.unpack(self.norm(x), zero_padding=True)
+        state.pool_source = kept
         state.restored = self.norm(pruner.restore(x))
         return state.restored
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+    def _head_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The grid the last forward_features returned -> its kept tokens, which pooling reads."""
         state = self.token_pruner._state
         if state is not None and state.restored is not None and x is state.restored:
-            x = state.pool_source  # the grid of the last forward_features: pool its kept tokens
-        return super().forward_head(x, pre_logits)
+            return state.pool_source
+        return x
 
-    def pool(self, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
-        pool_type = self.global_pool if pool_type is None else pool_type
-        weights = self.token_pruner.pool_weights()
-        if weights is None:
-            return super().pool(x, pool_type)
-        if weights.shape[1] != x.shape[1]:
-            raise ValueError(
-                f"pool got {x.shape[1]} tokens, the last forward kept {weights.shape[1]}: pruned models pool "
-                "their kept tokens; pass forward_features' own output to forward_head (a restored grid is "
-                "recognised as long as it is the same tensor)"
-            )
-        return pool_kept(self, x, weights, pool_type, self.pool_include_prefix)
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return super().forward_head(self._head_input(x), pre_logits=pre_logits)
 
     def forward_intermediates(
         self,
@@ -250,7 +242,10 @@ class _PrunedVisionTransformer(PrunedModel):
         output, before or after a pruning point, in the original token order (see `forward_features`)."""
         pruner = self.token_pruner
         if not pruner.config.restore_tokens:
-            return super().forward_intermediates()
+            raise NotImplementedError(
+                "forward_intermediates returns spatial feature maps, which pruned tokens no longer form: "
+                "patch the model with restore_tokens=True, or call timm_token_prune.unpatch_model(model) first"
+            )
         if self.training:
             raise NotImplementedError("forward_intermediates of a pruned model restores tokens in eval mode only: call model.eval()")
         if output_fmt not in ("NCHW", "NLC"):
@@ -260,10 +255,10 @@ class _PrunedVisionTransformer(PrunedModel):
         take, last = feature_take_indices(len(self.blocks), indices)
         self.start_forward(x, attn_mask, is_causal)
         batch, (height, width) = len(x), x.shape[-2:]
-        x = self._embed(x)
+        x, run = self._embed(x)
         grids = []
         for index, block in enumerate(self.blocks[: last + 1] if stop_early else self.blocks):
-            x = block(x)
+            x = run(index, block, x)
             if index in take:
                 grid = pruner.restore(x)
                 grids.append(self.norm(grid) if norm else grid)
@@ -278,11 +273,38 @@ class _PrunedVisionTransformer(PrunedModel):
             if prefixes is not None and return_prefix_tokens:
                 result["image_intermediates_prefix"] = prefixes
             if not intermediates_only:
-                result["image_features"] = self._restored(x)
+                result["image_features"] = self._final(x)
             return result
         if return_prefix_tokens and prefixes is not None:
             grids = list(zip(grids, prefixes))
-        return grids if intermediates_only else (self._restored(x), grids)
+        return grids if intermediates_only else (self._final(x), grids)
+
+
+class _PrunedVisionTransformer(PrunedModel):
+    def _embed(self, x: torch.Tensor):
+        return self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x)))), _run_block
+
+    def pool(self, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
+        pool_type = self.global_pool if pool_type is None else pool_type
+        weights = self.token_pruner.pool_weights()
+        if weights is None:
+            return super().pool(x, pool_type)
+        check_pool_input(x, weights)
+        return pool_kept(self, x, weights, pool_type, self.pool_include_prefix)
+
+
+def _run_block(index: int, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return block(x)
+
+
+def check_pool_input(x: torch.Tensor, weights: torch.Tensor) -> None:
+    """Pruned models pool the kept tokens of their last forward: `x` must be those."""
+    if weights.shape[1] != x.shape[1]:
+        raise ValueError(
+            f"pool got {x.shape[1]} tokens, the last forward kept {weights.shape[1]}: pruned models pool "
+            "their kept tokens; pass forward_features' own output to forward_head (a restored grid is "
+            "recognised as long as it is the same tensor)"
+        )
 
 
 class _ScoringBlock:

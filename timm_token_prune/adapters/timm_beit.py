@@ -47,14 +47,24 @@ class BeitAdapter(timm_adapter.TimmAdapter):
 
 
 class _PrunedBeit(timm_adapter.PrunedModel):
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        self.start_forward(x)
-        return self.token_pruner.unpack(super().forward_features(x), zero_padding=True)
+    def _embed(self, x: torch.Tensor):
+        x = self.patch_embed(x)
+        x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed
+        bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None
+
+        def run(index: int, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+            return block(x, shared_rel_pos_bias=bias)
+
+        return self.pos_drop(x), run
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self._head_input(x)
         weights = self.token_pruner.pool_weights()
         if weights is None:
             return super().forward_head(x, pre_logits=pre_logits)
+        timm_adapter.check_pool_input(x, weights)
         x = timm_adapter.pool_kept(self, x, weights, self.global_pool, include_prefix=False)
         x = self.head_drop(self.fc_norm(x))
         return x if pre_logits else self.head(x)
@@ -66,7 +76,7 @@ class _PrunedBeitAttention:
 
     def forward(self, x: torch.Tensor, shared_rel_pos_bias: torch.Tensor | None = None) -> torch.Tensor:
         pruner = self._token_pruner
-        if pruner.plain_attention(self._prune_stage) and pruner.state.positions is None:
+        if pruner.plain_attention(self._prune_stage) and pruner.state.layout.positions is None:
             return super().forward(x, shared_rel_pos_bias=shared_rel_pos_bias)
         bias = self._get_rel_pos_bias() if self.relative_position_bias_table is not None else None
         if shared_rel_pos_bias is not None:

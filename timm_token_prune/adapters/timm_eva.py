@@ -53,19 +53,23 @@ class EvaAdapter(timm_adapter.TimmAdapter):
 class _PrunedEva(timm_adapter.PrunedModel):
     def forward_features(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
         self.start_forward(x, attn_mask, is_causal)
+        return self._blocks_and_norm(x)
+
+    def _embed(self, x: torch.Tensor):
         pruner = self.token_pruner
-        x = self.patch_embed(x)
-        x, rope = self._pos_embed(x)
-        x = self.norm_pre(x)
+        x, rope = self._pos_embed(self.patch_embed(x))
         per_block = getattr(self, "rope_mixed", False) and rope is not None  # (depth, ...): one per block
-        for index, block in enumerate(self.blocks):
+
+        def run(index: int, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
             block_rope = rope[index] if per_block else rope
-            x = block(x, rope=None if block_rope is None else pruner.gather_rope(block_rope))
-        return pruner.unpack(self.norm(x), zero_padding=True)
+            return block(x, rope=None if block_rope is None else pruner.gather_rope(block_rope))
+
+        return self.norm_pre(x), run
 
     def pool(self, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
         pool_type = self.global_pool if pool_type is None else pool_type
         weights = self.token_pruner.pool_weights()
         if weights is None:
             return super().pool(x, pool_type)
+        timm_adapter.check_pool_input(x, weights)
         return timm_adapter.pool_kept(self, x, weights, pool_type, include_prefix=self.attn_pool is not None)
