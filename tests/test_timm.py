@@ -195,6 +195,27 @@ def test_training_drops_far_tokens_with_the_masked_paths_loss_and_gradients(case
     for name, reference in reference_grads.items():
         assert (grads[name] - reference).norm() <= 1e-4 * reference.norm() + 1e-7, name
 
+@pytest.mark.parametrize("policy", ["mass", "threshold"])
+def test_tokens_pruned_earlier_leave_the_training_forward_exactly(policy, monkeypatch):
+    """Even when every pruned token stays at its own stage (an infinitely wide band), it leaves at the next
+    pruning point: from there its mask is 0 times 0, with no gradient to any threshold."""
+    import timm_token_prune.pruner as pruner_module
+
+    monkeypatch.setattr(pruner_module, "FAR_IN_TEMPERATURES", 1e9)
+    model = patched("vit", keep_policy=policy)
+    x = images(8, seed=9)
+    loss, grads, dropped = _train_step(model, x, drop_in_training=True)
+    reference_loss, reference_grads, _ = _train_step(model, x, drop_in_training=False)
+    trained = copy.deepcopy(model).train()
+    trained(x)
+    pruner = ttp.get_pruner(trained)
+    present = [pruner.state.layout.kept[0][0] is None]  # the first stage removes nothing: all are in band
+    assert dropped and present == [True]
+    assert loss == pytest.approx(reference_loss, rel=1e-4)
+    for name, reference in reference_grads.items():
+        assert (grads[name] - reference).norm() <= 1e-4 * reference.norm() + 1e-7, name
+
+
 def test_gradients_reach_thresholds():
     model = patched("vit")
     model.train()

@@ -278,16 +278,22 @@ class TokenPruner(nn.Module):
     def _remaining_in_training(
         self, statistic: torch.Tensor, stage: int, keep: torch.Tensor, eligible: torch.Tensor | None
     ) -> torch.Tensor | None:
-        """Training: the tokens that stay in the forward. Pruned tokens far below their threshold
-        (`FAR_IN_TEMPERATURES` temperatures or more) leave it as at inference: their mask is 0 with a gradient
-        under 1e-8 of its in-band value, so only the tokens near a threshold stay, hidden as keys, to carry
-        the mask's gradient. With fixed counts every pruned token leaves. None: the masked path (all stay)."""
+        """Training: the tokens that stay in the forward. Only pruned tokens of this stage near its threshold
+        stay, hidden as keys, to carry the mask's gradient; the others leave as at inference (exactly: the
+        masked path computes the same loss and gradients):
+        - tokens pruned at an earlier stage: this stage's mask is 0 for them in the forward, so the mask
+          product sends no gradient through them to any threshold from here on;
+        - tokens of this stage `FAR_IN_TEMPERATURES` temperatures or more below the threshold: their mask's
+          gradient is under 1e-8 of its in-band value;
+        - with fixed counts, every pruned token (no threshold to learn).
+        None: the masked path (all stay)."""
         if not self.drop_in_training:
             return None
-        remove = ~keep if eligible is None else eligible & ~keep
+        remove = ~keep
         if not self.fixed_counts:
             band = self.thresholds[stage].detach() - FAR_IN_TEMPERATURES * self.config.soft_temperature
-            remove &= statistic < band
+            near = statistic >= band
+            remove &= ~(near if eligible is None else near & eligible)
         remove[:, : self.num_prefix_tokens] = False
         valid = self.state.layout.valid
         return ~remove if valid is None else ~remove & valid
