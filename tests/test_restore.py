@@ -253,12 +253,17 @@ def test_an_adapter_that_cannot_restore_names_the_option():
         adapters.ADAPTERS.remove(adapter)
 
 
-def test_pooling_a_foreign_grid_raises():
-    model = restoring("avg_pool_prefix")
+@pytest.mark.parametrize("options", [{}, dict(keep_policy="topk", pruned_tokens="drop")])
+def test_pooling_a_foreign_grid_raises(options):
+    """A copy of the grid is not recognised as the last forward's: pooling it would average the fills.
+    With top-k and dropping (nothing padded or merged) nothing else would notice."""
+    model = restoring("avg_pool_prefix", **options)
     with torch.no_grad():
         grid = model.forward_features(images(4))
-        with pytest.raises(ValueError, match="kept"):
-            model.forward_head(grid.clone())
+        for copy_of_grid in (grid.clone(), grid.detach()[:1]):
+            with pytest.raises(ValueError, match="kept"):
+                model.forward_head(copy_of_grid)
+        assert torch.equal(model.forward_head(grid), model(images(4)))
 
 
 # ---- timm eva and beit --------------------------------------------------------------------------------
@@ -391,6 +396,8 @@ def test_hf_hidden_states_errors_say_what_to_do():
         plain(images(2), output_hidden_states=True)
     with pytest.raises(NotImplementedError, match="output_hidden_states=True"):
         model(images(2), output_hidden_states=[1, 2])
+    with pytest.raises(NotImplementedError, match="return_dict=True"):  # a tuple would hold unrestored layers
+        model(images(2), output_hidden_states=True, return_dict=False)
     with pytest.raises(NotImplementedError, match="eval"):
         model.train()(images(2), output_hidden_states=True)
 

@@ -106,7 +106,9 @@ class PruneConfig:
         metadata={
             "help": "Dense outputs (segmentation, depth): token outputs keep every position in the original "
             "order (timm forward_features / forward_intermediates), each pruned position filled as "
-            "`restore_fill` says. Pooled outputs and logits are unchanged. Inference (eval mode) only."
+            "`restore_fill` says. Pooled outputs and logits are those of restore_tokens=False at the same thresholds "
+            "(the FLOPs model counts the token similarity restoring needs, so calibration may pick others). "
+            "Inference (eval mode) only."
         },
     )
     restore_fill: str = field(

@@ -267,6 +267,12 @@ def _begin_forward(module: nn.Module, args: tuple, kwargs: dict) -> None:
                 f"output_hidden_states={hidden!r}: a token-pruned model restores all layers' grids or none; "
                 "pass output_hidden_states=True"
             )
+        return_dict = kwargs.get("return_dict")
+        if not (getattr(module.config, "return_dict", True) if return_dict is None else return_dict):
+            raise NotImplementedError(
+                "output_hidden_states=True with return_dict=False on a model patched with restore_tokens: the "
+                "restored grids are written into the output object; pass return_dict=True"
+            )
     elif hidden:
         why = "restore_tokens works in eval mode only: call model.eval()" if pruner.config.restore_tokens else (
             "patch the model with restore_tokens=True to get full grids, or call timm_token_prune.unpatch_model(model)"

@@ -216,10 +216,14 @@ class PrunedModel:
         return state.restored
 
     def _head_input(self, x: torch.Tensor) -> torch.Tensor:
-        """The grid the last forward_features returned -> its kept tokens, which pooling reads."""
+        """The grid the last forward_features returned -> its kept tokens, which pooling reads. Any other
+        tensor must hold as many tokens as were kept (a copy of the grid would pool its fills)."""
         state = self.token_pruner._state
-        if state is not None and state.restored is not None and x is state.restored:
+        if state is None or state.restored is None:
+            return x
+        if x is state.restored:
             return state.pool_source
+        check_pool_input(x, state.pool_source[..., 0])
         return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
