@@ -216,6 +216,23 @@ def test_tokens_pruned_earlier_leave_the_training_forward_exactly(policy, monkey
         assert (grads[name] - reference).norm() <= 1e-4 * reference.norm() + 1e-7, name
 
 
+def test_a_small_mass_threshold_gets_a_proportionally_sharp_mask():
+    """'mass': the temperature is capped at a fraction of the threshold, so a first stage that prunes
+    little of the mass (a threshold below 20 T) still lets its far tokens leave, exactly."""
+    model = patched("vit", keep_policy="mass")
+    with torch.no_grad():
+        ttp.get_pruner(model).thresholds[0] = 0.02  # < 20 x the default T (0.003): no token would be far
+    x = images(8, seed=9)
+    loss, grads, _ = _train_step(model, x, drop_in_training=True)
+    reference_loss, reference_grads, _ = _train_step(model, x, drop_in_training=False)
+    trained = copy.deepcopy(model).train()
+    trained(x)
+    assert trained.token_pruner.state.layout.kept[0][0] is not None  # some first-stage tokens left
+    assert loss == pytest.approx(reference_loss, rel=1e-4)
+    for name, reference in reference_grads.items():
+        assert (grads[name] - reference).norm() <= 1e-4 * reference.norm() + 1e-7, name
+
+
 def test_gradients_reach_thresholds():
     model = patched("vit")
     model.train()

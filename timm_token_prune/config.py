@@ -58,8 +58,9 @@ class PruneConfig:
             "help": "Temperature T of the training soft mask sigmoid((s - theta) / T), on the scale of the "
             "policy's statistic s. None: 0.003 for 'mass' (a share of the image's score mass; one token "
             "holds 1 / number of patches on average) and 0.01 for 'threshold' (a score times the number of "
-            "patches; the paper's 1e-4 on raw scores at 196 patches is about 0.02). Pruned tokens more than "
-            "20 T below their threshold leave the training forward, so a smaller T trains faster."
+            "patches; the paper's 1e-4 on raw scores at 196 patches is about 0.02). For 'mass' T is capped "
+            "at 0.025 x the stage's threshold. Pruned tokens more than 20 T below their threshold leave the "
+            "training forward, so a smaller T trains faster."
         },
     )
     score_gradient: bool = field(

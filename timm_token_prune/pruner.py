@@ -22,6 +22,9 @@ from .layout import TokenLayout
 
 _KEEP_ALL = -1.0  # every policy's statistic is >= 0, so this threshold keeps every token
 FAR_IN_TEMPERATURES = 20.0  # training: pruned tokens this far below their threshold leave the forward
+# 'mass': the temperature is at most this fraction of the stage's threshold, so a threshold that holds little
+# of the score mass (DINOv2 puts most class attention on a few tokens) gets a proportionally sharp mask
+MASS_RELATIVE_TEMPERATURE: float | None = 0.025
 _MASS_STEP = 0.05  # 'mass' thresholds before calibration: 5%, 10%, 15% of the score mass may go
 
 
@@ -291,7 +294,7 @@ class TokenPruner(nn.Module):
             return None
         remove = ~keep
         if not self.fixed_counts:
-            band = self.thresholds[stage].detach() - FAR_IN_TEMPERATURES * self.config.soft_temperature
+            band = self.thresholds[stage].detach() - FAR_IN_TEMPERATURES * self._temperature(stage)
             near = statistic >= band
             remove &= ~(near if eligible is None else near & eligible)
         remove[:, : self.num_prefix_tokens] = False
@@ -374,13 +377,22 @@ class TokenPruner(nn.Module):
         if self.fixed_counts:
             mask = keep.to(scores.dtype)
         else:
-            threshold, temperature = self.thresholds[stage], self.config.soft_temperature
+            threshold, temperature = self.thresholds[stage], self._temperature(stage)
             scores = scores if self.config.score_gradient else scores.detach()
             mask = self._with_prefix(core.straight_through_mask(scores, threshold, temperature, keep))
         if state.soft_mask is not None:
             mask = mask * state.soft_mask
         state.soft_mask = mask
         state.counts.append(mask.sum(dim=1))
+
+    def _temperature(self, stage: int) -> torch.Tensor | float:
+        """The soft mask's temperature at `stage`: the config's, capped for 'mass' at
+        `MASS_RELATIVE_TEMPERATURE` x the stage's threshold (a tensor, so no host sync)."""
+        temperature = self.config.soft_temperature
+        if self.config.keep_policy != "mass" or MASS_RELATIVE_TEMPERATURE is None:
+            return temperature
+        relative = MASS_RELATIVE_TEMPERATURE * self.thresholds[stage].detach().clamp_min(1e-6)
+        return relative.clamp_max(temperature)
 
     def _with_prefix(self, mask: torch.Tensor) -> torch.Tensor:
         prefix = self.num_prefix_tokens
