@@ -24,7 +24,6 @@ import argparse
 import copy
 import json
 import os
-import shutil
 import statistics
 import sys
 
@@ -163,7 +162,6 @@ def main() -> None:
             teacher = torch.cat([probe(x[i : i + args.batch]) for i in range(0, len(x), args.batch)])
         distill_data = TensorDataset(x, train.tensors[1][: args.distill_images], teacher)
     speed_models = {"dense": probe}
-    work = os.path.join(os.path.dirname(args.out), "dense-runs")
     for budget in args.budgets:
         pruned = ttp.patch_model(copy.deepcopy(probe), budget=budget, restore_tokens=True)
         ttp.calibrate(pruned, calib)
@@ -173,12 +171,10 @@ def main() -> None:
             speed_models[f"pruned + restore ({fill}) @{budget}"] = filled
         if distill_data is None:
             continue
-        out_dir = f"{work}/{budget}"
-        shutil.rmtree(out_dir, ignore_errors=True)
         loader = DataLoader(distill_data, batch_size=args.batch, shuffle=True, drop_last=True)
         student = copy.deepcopy(pruned)
         ttp.distill(student, loader, epochs=1, lr=args.lr, min_lr=args.lr / 10, warmup_steps=len(loader) // 10,
-                    output_dir=out_dir, progress=not args.no_progress, log_every=20)
+                    output_dir=None, progress=not args.no_progress, log_every=20)
         for fill in FILLS:
             report(f"distilled, {fill} @{budget}", with_fill(student, fill))
     x = test_x[: args.batch]

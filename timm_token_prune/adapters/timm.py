@@ -229,6 +229,18 @@ class PrunedModel:
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return super().forward_head(self._head_input(x), pre_logits=pre_logits)
 
+    def _pool_includes_prefix(self) -> bool:
+        """Whether this family's pooling reads the prefix tokens too (for families with a `pool` method)."""
+        raise NotImplementedError
+
+    def pool(self, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
+        pool_type = self.global_pool if pool_type is None else pool_type
+        weights = self.token_pruner.pool_weights()
+        if weights is None:
+            return super().pool(x, pool_type)
+        check_pool_input(x, weights)
+        return pool_kept(self, x, weights, pool_type, self._pool_includes_prefix())
+
     def forward_intermediates(
         self,
         x: torch.Tensor,
@@ -288,13 +300,8 @@ class _PrunedVisionTransformer(PrunedModel):
     def _embed(self, x: torch.Tensor):
         return self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x)))), _run_block
 
-    def pool(self, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
-        pool_type = self.global_pool if pool_type is None else pool_type
-        weights = self.token_pruner.pool_weights()
-        if weights is None:
-            return super().pool(x, pool_type)
-        check_pool_input(x, weights)
-        return pool_kept(self, x, weights, pool_type, self.pool_include_prefix)
+    def _pool_includes_prefix(self) -> bool:
+        return self.pool_include_prefix
 
 
 def _run_block(index: int, block: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -66,10 +66,5 @@ class _PrunedEva(timm_adapter.PrunedModel):
 
         return self.norm_pre(x), run
 
-    def pool(self, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
-        pool_type = self.global_pool if pool_type is None else pool_type
-        weights = self.token_pruner.pool_weights()
-        if weights is None:
-            return super().pool(x, pool_type)
-        timm_adapter.check_pool_input(x, weights)
-        return timm_adapter.pool_kept(self, x, weights, pool_type, include_prefix=self.attn_pool is not None)
+    def _pool_includes_prefix(self) -> bool:
+        return self.attn_pool is not None
