@@ -1,6 +1,7 @@
-"""What patching costs when nothing is pruned: the plain model, a deep copy of it (a control: the same work
-at other memory addresses) and the copy patched at budget 1.0, one forward each per round in a rotating
-order; medians of the per-round ratios to the plain model.
+"""What patching costs when nothing is pruned. One model object, so that its weights stay where they are
+in memory: each round times it plain, plain again (a control: the noise floor) and patched in place at
+budget 1.0 (patched before and unpatched after that forward, outside the timing), in a rotating order;
+medians of the per-round ratios to the plain model.
 
     python benchmarks/overhead.py                                    # deit_small and vit_medium gap, b1 and b32
     python benchmarks/overhead.py --models deit_small_patch16_224 --batches 1 --rounds 300 --threads 1
@@ -12,7 +13,6 @@ token. Random weights; writes benchmarks/results/overhead.json.
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import statistics
 import time
@@ -26,24 +26,28 @@ from timm_token_prune.benchmark import write_json
 
 def measure(name: str, batch: int, rounds: int) -> dict[str, float]:
     torch.manual_seed(0)
-    plain = timm.create_model(name, pretrained=False).eval()
-    models = {
-        "plain": plain,
-        "plain copy": copy.deepcopy(plain),
-        "patched 1.0": ttp.patch_model(copy.deepcopy(plain), budget=1.0).eval(),
-    }
-    x = torch.randn(batch, 3, *plain.patch_embed.img_size)
-    times = {key: [] for key in models}
-    names = list(models)
-    with torch.inference_mode():
-        for model in models.values():
-            for _ in range(3):
-                model(x)
-        for r in range(rounds):
-            for key in names[r % len(names) :] + names[: r % len(names)]:
-                start = time.perf_counter()
-                models[key](x)
-                times[key].append(time.perf_counter() - start)
+    model = timm.create_model(name, pretrained=False).eval()
+    x = torch.randn(batch, 3, *model.patch_embed.img_size)
+    names = ["plain", "plain again", "patched 1.0"]
+    times = {key: [] for key in names}
+
+    def timed(key: str) -> float:
+        if key == "patched 1.0":
+            ttp.patch_model(model, budget=1.0).eval()
+        with torch.inference_mode():
+            start = time.perf_counter()
+            model(x)
+            elapsed = time.perf_counter() - start
+        if key == "patched 1.0":
+            ttp.unpatch_model(model)
+        return elapsed
+
+    for key in names:
+        for _ in range(3):
+            timed(key)
+    for r in range(rounds):
+        for key in names[r % len(names) :] + names[: r % len(names)]:
+            times[key].append(timed(key))
     row = {f"{key} ms": 1e3 * statistics.median(t) for key, t in times.items()}
     for key in names[1:]:
         row[f"{key} x plain"] = statistics.median([a / b for a, b in zip(times["plain"], times[key])])
