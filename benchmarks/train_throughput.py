@@ -11,8 +11,9 @@ budget 1.0; adaptive (the default `keep_policy="mass"`) at 0.65 and 0.5; `keep_p
 - step: forward + cross-entropy + 2 x budget_loss + backward + AdamW step (the plain model: CE only);
 - distill: `distill(..., max_steps=2)` with a live teacher (the plain model) and with cached teacher
   logits as a third batch element, its set-up included (one forward of the first batch);
-- peak memory: the largest resident set of a fresh process running two training steps, minus the
-  resident set before them (one process per variant).
+- peak memory: the peak resident set of a fresh process during its second training step (weights, optimiser
+  state and data included; one process per variant; Linux, the peak reset through /proc/self/clear_refs
+  so that loading and calibrating do not count).
 Writes benchmarks/results/train_throughput.json. Targets (this CPU): adaptive at 0.65 >= 1.35x the plain
 step, at 0.5 >= 1.7x; top-k close to its FLOPs ratio; patched at 1.0 within 2% of plain.
 """
@@ -23,7 +24,6 @@ import argparse
 import copy
 import multiprocessing
 import os
-import resource
 import statistics
 import sys
 import time
@@ -37,11 +37,11 @@ from timm_token_prune.benchmark import write_json
 
 VARIANTS = {  # name -> patch_model options (None: the plain model)
     "plain": None,
-    "patched 1.0": dict(budget=1.0),
-    "adaptive 0.65": dict(budget=0.65),
-    "adaptive 0.5": dict(budget=0.5),
-    "top-k 0.65": dict(budget=0.65, keep_policy="topk"),
-    "top-k 0.5": dict(budget=0.5, keep_policy="topk"),
+    "patched 1.0": {"budget": 1.0},
+    "adaptive 0.65": {"budget": 0.65},
+    "adaptive 0.5": {"budget": 0.5},
+    "top-k 0.65": {"budget": 0.65, "keep_policy": "topk"},
+    "top-k 0.5": {"budget": 0.5, "keep_policy": "topk"},
 }
 
 
@@ -101,7 +101,7 @@ def distill_seconds(model, teacher, x, y, cached: torch.Tensor | None) -> float:
 
 
 def peak_memory_mb(setup_name: str, options: dict | None) -> float:
-    """Peak resident set of two training steps in a fresh process, minus the resident set before them."""
+    """Peak resident set (MB) of a fresh process during its second training step."""
     context = multiprocessing.get_context("spawn")
     with context.Pool(1) as pool:
         return pool.apply(_memory_worker, (setup_name, options))
@@ -113,14 +113,20 @@ def _memory_worker(setup_name: str, options: dict | None) -> float:
     model = variant(plain, options, [x])
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     step(model, optimizer, x, y)  # allocator and optimiser state warm
-    before = _rss_mb()
+    _reset_peak()  # the peak of this step, not of loading or calibrating
     step(model, optimizer, x, y)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
+    return _peak_mb()
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def _reset_peak() -> None:
+    """Reset the process's peak resident set to the current one (Linux: /proc/self/clear_refs)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _peak_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
 
 
 def measure(setup_name: str, repeats: int, memory: bool) -> dict:
