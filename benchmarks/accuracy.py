@@ -2,7 +2,7 @@
 at 112 px (8 x 8 patches + class token) on Fashion-MNIST (Debian's dataset-fashion-mnist).
 
     pip install -e ".[dev,real]" && apt-get install dataset-fashion-mnist
-    python benchmarks/accuracy.py                 # 10k balanced train images, all 10k test images (~3.5 h)
+    python benchmarks/accuracy.py                 # 10k balanced train images, all 10k test images (about 2 h 50 min, shared with other jobs)
     python benchmarks/accuracy.py --quick         # a smoke run in a few minutes
 
 Every fine-tune uses the same recipe: distill(), lr 2e-5 -> 2e-6 cosine after 10% warm-up, thresholds at
