@@ -195,3 +195,25 @@ def test_format_1_checkpoints_keep_loading():
         assert torch.equal(loaded(x), reference(x))
     stats = ttp.last_stats(loaded)
     assert stats.kept_mean[-1] < stats.tokens and ttp.get_pruner(loaded).config == ttp.get_pruner(reference).config
+
+
+def test_format_2_checkpoints_keep_the_paper_locations(tmp_path):
+    """Format 2 saved prune_locations=None for the paper's three points, the default then: it still loads
+    with them (and the same thresholds and logits), not with today's default."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4, depth=6).eval()
+    ttp.patch_model(model, budget=0.5, prune_locations="paper")
+    ttp.calibrate(model, [images(16, seed=s) for s in (10, 11)])
+    ttp.save_pretrained(model, tmp_path)
+
+    def as_format_2(meta):
+        config = {**meta["prune_config"], "prune_locations": None, "format_version": 2}
+        return {**meta, "format_version": 2, "prune_config": config}
+
+    _edit_meta(tmp_path, as_format_2)
+    loaded = ttp.from_pretrained(tmp_path)
+    assert ttp.get_pruner(loaded).locations == ttp.get_pruner(model).locations == (2, 4, 5)
+    assert ttp.get_pruner(loaded).config.prune_locations == "paper"
+    x = images(6, seed=4)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))

@@ -64,10 +64,21 @@ def test_weights_shared_and_only_thresholds_added():
     assert state["token_pruner.thresholds"].shape == (len(LOCATIONS),)
 
 
-def test_default_locations_follow_the_paper():
-    assert ttp.get_pruner(ttp.patch_model(make_model("vit", depth=12))).locations == (4, 7, 10)
-    assert ttp.get_pruner(ttp.patch_model(make_model("vit", depth=16))).locations == (5, 9, 13)
-    assert ttp.get_pruner(ttp.patch_model(make_model("vit", depth=20))).locations == (6, 11, 16)
+def test_default_locations_prune_after_every_block_and_the_paper_schedule_is_named():
+    assert ttp.get_pruner(ttp.patch_model(make_model("vit", depth=12))).locations == tuple(range(1, 12))
+    assert ttp.PruneConfig().prune_locations == ttp.PruneConfig(prune_locations=None).prune_locations == "every_block"
+    paper = {12: (4, 7, 10), 16: (5, 9, 13), 20: (6, 11, 16)}
+    for depth, locations in paper.items():
+        assert ttp.get_pruner(ttp.patch_model(make_model("vit", depth=depth), prune_locations="paper")).locations == locations
+    every_other = ttp.patch_model(make_model("vit", depth=12), prune_locations="every_other_block")
+    assert ttp.get_pruner(every_other).locations == (2, 4, 6, 8, 10)
+    with pytest.raises(ValueError, match="every_block"):
+        ttp.PruneConfig(prune_locations="everywhere")
+
+
+def test_a_config_saved_before_format_3_keeps_the_paper_locations():
+    old = {**ttp.PruneConfig().to_dict(), "prune_locations": None, "format_version": 2}
+    assert ttp.PruneConfig.from_dict(old).prune_locations == "paper"
 
 
 # ---- inference: real dropping --------------------------------------------------------------------

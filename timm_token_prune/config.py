@@ -10,7 +10,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 DEFAULT_TEMPERATURES = {"mass": 0.003, "threshold": 0.01}  # measured: benchmarks/train_throughput.py, README
-FORMAT_VERSION = 2  # 2: pruned_tokens, novelty, 'mass', score_gradient, scale-free thresholds
+FORMAT_VERSION = 3  # 2: pruned_tokens, novelty, 'mass', score_gradient, scale-free thresholds; 3: named schedules
+LOCATION_SCHEDULES = ("every_block", "every_other_block", "paper")
+DEFAULT_LOCATIONS = "every_block"  # measured: benchmarks/peers.py, README
 SCORES = ("head_norm", "mean")
 KEEP_POLICIES = ("mass", "threshold", "topk")
 PRUNED_TOKENS = ("merge", "drop")
@@ -28,11 +30,13 @@ class PruneConfig:
         default=0.65,
         metadata={"help": "Target fraction of the dense model's FLOPs, in (0, 1]; 1.0 keeps every token."},
     )
-    prune_locations: tuple[int, ...] | None = field(
-        default=None,
+    prune_locations: tuple[int, ...] | str = field(
+        default=DEFAULT_LOCATIONS,
         metadata={
-            "help": "Block indices (0-based) before which tokens are pruned; the scores come from the block "
-            "just before each. None: floor(s * depth / 4) + 1 for s = 1, 2, 3 (4, 7, 10 for 12 blocks)."
+            "help": "Block indices (0-based) before which tokens are pruned (the scores come from the block "
+            "just before each), or a schedule: 'every_block' (1, 2, ..., depth - 1: a few tokens go after "
+            "every block), 'every_other_block' (2, 4, ...), 'paper' (AS-ViT's three points, "
+            "floor(s * depth / 4) + 1 for s = 1, 2, 3: 4, 7, 10 for 12 blocks). None: the default."
         },
     )
     score: str = field(
@@ -133,7 +137,14 @@ class PruneConfig:
                 "use e.g. budget=0.65, or 1.0 to keep every token"
             )
         self.budget = float(self.budget)
-        if self.prune_locations is not None:
+        if self.prune_locations is None:
+            self.prune_locations = DEFAULT_LOCATIONS
+        if isinstance(self.prune_locations, str):
+            if self.prune_locations not in LOCATION_SCHEDULES:
+                raise ValueError(
+                    f"prune_locations must be block indices or one of {LOCATION_SCHEDULES}, got {self.prune_locations!r}"
+                )
+        else:
             locations = tuple(int(i) for i in self.prune_locations)
             if not locations or list(locations) != sorted(set(locations)) or locations[0] < 1:
                 raise ValueError(
@@ -207,5 +218,7 @@ def _upgrade(data: dict[str, Any]) -> dict[str, Any]:
         # format 1 compared raw scores (which shrink as 1 / tokens); the thresholds are converted on load
         data.pop("temperature", None)
         data.pop("threshold_init", None)
+    if version < 3 and data.get("prune_locations") is None:
+        data["prune_locations"] = "paper"  # the default before format 3
     data["format_version"] = FORMAT_VERSION
     return data

@@ -341,7 +341,16 @@ def _from_format_1(meta: dict[str, Any], state: dict[str, torch.Tensor]):
     return {**meta, "raw_thresholds": raw}, state
 
 
-_UPGRADES: dict[int, Upgrade] = {1: _from_format_1}
+def _from_format_2(meta: dict[str, Any], state: dict[str, torch.Tensor]):
+    """Before format 3, prune_locations=None meant the paper's three points (the default now prunes after
+    every block): a checkpoint keeps the locations it was trained with."""
+    config = dict(meta["prune_config"])
+    if config.get("prune_locations") is None:
+        config["prune_locations"] = "paper"
+    return {**meta, "prune_config": config}, state
+
+
+_UPGRADES: dict[int, Upgrade] = {1: _from_format_1, 2: _from_format_2}
 
 
 def _read_meta(path: Path, name: str) -> dict[str, Any]:

@@ -28,6 +28,7 @@ class TokenLayout:
         self.sizes: torch.Tensor | None = None  # merging, float (B, N): tokens each one stands for; None: all 1
         self.kept: list[tuple[torch.Tensor | None, torch.Tensor | None]] = []  # per stage: (order, valid)
         self.restore: RestoreMap | None = None  # eval, restore_tokens: where each original position lives
+        self.groups: list[tuple[torch.Tensor, int]] | None = None  # padded batches: attention's image groups
         self._rope: dict = {}  # gather_rope's cache: (id, stage) -> (rope, gathered rope)
 
     # ---- moving tokens ----------------------------------------------------------------------------
@@ -57,11 +58,15 @@ class TokenLayout:
             self.unmoved()
             return x, None
         x, order = core.gather_kept(x, remain, most)
+        self.groups = None
         if most == fewest:
             self.valid = self.pack_index = self.unpack_index = None
         else:
             self.valid = torch.arange(most, device=x.device) < counts[:, None]
             self.pack_index, self.unpack_index = core.packing(self.valid, total)
+            groups = core.attention_groups(per_image)
+            if groups is not None:
+                self.groups = [(torch.tensor(index, device=x.device), length) for index, length in groups]
         self.move(order, tokens)
         return self.pack(x), order
 

@@ -98,8 +98,9 @@ class TokenPruner(nn.Module):
         elif config.budget >= 1.0:
             init = [_KEEP_ALL] * stages
         else:
+            # the paper's three thresholds, spread over however many stages there are
             step = _MASS_STEP if config.keep_policy == "mass" else REFERENCE_THRESHOLDS[0] * REFERENCE_NUM_PATCHES
-            init = [step * (s + 1) for s in range(stages)]
+            init = [step * 3 * (s + 1) / stages for s in range(stages)]
         self.thresholds = nn.Parameter(torch.tensor(init, dtype=torch.float32))
         ratios = config.keep_ratios
         if ratios is not None and len(ratios) != stages:
@@ -220,9 +221,12 @@ class TokenPruner(nn.Module):
         if layout.sizes is not None:
             sizes = core.size_bias(layout.sizes, q.dtype)
             bias = sizes if bias is None else bias + sizes
-        context = core.attend(
-            q, k, v, valid=layout.valid, soft_mask=state.soft_mask, bias=bias, dropout_p=dropout_p, scale=scale
-        )
+        if layout.groups is not None and state.soft_mask is None and not dropout_p:  # a padded inference batch
+            context = core.attend_grouped(q, k, v, layout.groups, valid=layout.valid, bias=bias, scale=scale)
+        else:
+            context = core.attend(
+                q, k, v, valid=layout.valid, soft_mask=state.soft_mask, bias=bias, dropout_p=dropout_p, scale=scale
+            )
         if stage is not None:
             # earlier masks enter the score detached: a threshold must not steer later stages through the
             # re-normalised class attention (see _mask)
