@@ -10,14 +10,17 @@ distill's default (the lr; `--threshold-lr` changes it), batch 64, one epoch, lo
 1. probe: a linear classifier on the frozen backbone's features (the starting point of everything);
 2. dense reference: the probe model fine-tuned without pruning (teacher: the probe), so that what
    fine-tuning alone adds is not credited to pruning; it is the teacher of every pruned model;
-3. for each budget, from the dense reference: (a) calibrate only, no training: adaptive (the defaults:
+3. for each budget, from the probe (so every fine-tuned row, the dense reference included, has trained for
+   the same number of epochs; before 2026-12 the pruned models started from the dense reference and so had
+   one epoch more): (a) calibrate only, no training: adaptive (the defaults:
    keep_policy "mass", merging, novelty), fixed top-k with the AS-ViT score and with EViT's head-mean score
    (the same merging and novelty); (b) the adaptive model distilled; (c) both top-k models distilled;
 4. at `--legacy-budgets`, the methods as they were before (dropping, raw scores): the paper's AS-ViT
    (raw-score thresholds, score-path gradient) and EViT's top-k, distilled;
 5. at `--long-budget`, the adaptive and the AS-ViT top-k model distilled for `--long-epochs` epochs.
-Reports top-1 and the FLOPs ratio on the test set, GMACs, img/s (batch 64, interleaved with dense) and the
-per-stage kept-token distribution; writes JSON.
+Reports top-1 and the FLOPs ratio on the test set, GMACs, img/s (batch 64, interleaved with dense), the
+per-stage kept-token distribution, and McNemar's paired test of each adaptive row against its top-k rows
+(`peers.mcnemar`, on per-image correctness); writes JSON.
 """
 
 from __future__ import annotations
@@ -39,6 +42,9 @@ from timm_token_prune.benchmark import seconds_per_call, write_json
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
 import realdata  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import peers  # noqa: E402
 
 
 @torch.no_grad()
@@ -71,17 +77,18 @@ def train_probe(model: torch.nn.Module, train: TensorDataset, batch: int, steps:
 def test_eval(model: torch.nn.Module, test: TensorDataset, batch: int) -> dict:
     """Top-1, GFLOPs and, for patched models, the kept-token counts of every test image per stage."""
     model.eval()
-    correct, counts, gflops = 0, [], 0.0
+    correct, counts, gflops, right = 0, [], 0.0, []
     patched = hasattr(model, "token_pruner")
     x, y = test.tensors
     for i in range(0, len(x), batch):
         out = model(x[i : i + batch])
-        correct += (out.argmax(-1) == y[i : i + batch]).sum().item()
+        right.append(out.argmax(-1) == y[i : i + batch])
+        correct += right[-1].sum().item()
         if patched:
             stats = ttp.last_stats(model)
             gflops += stats.gflops * len(out)
             counts.append(torch.stack([c.float() for c in ttp.get_pruner(model).state.counts], 1))
-    result = {"top1": 100.0 * correct / len(x)}
+    result = {"top1": 100.0 * correct / len(x), "right": torch.cat(right)}
     if patched:
         per_image = torch.cat(counts)  # images x stages
         q = torch.tensor([0.1, 0.5, 0.9])
@@ -164,8 +171,12 @@ def main() -> None:
     results = {"setup": vars(args), "rows": {}}
     rows = results["rows"]
 
+    right = {}
+
     def report(name: str, model: torch.nn.Module, **extra) -> None:
-        rows[name] = {**test_eval(model, test, args.batch), **extra}
+        result = test_eval(model, test, args.batch)
+        right[name] = result.pop("right")
+        rows[name] = {**result, **extra}
         print(f"{name}: {rows[name]}", flush=True)
 
     report("probe (linear head, frozen backbone)", probe)
@@ -178,7 +189,7 @@ def main() -> None:
     calib = [train.tensors[0][i : i + args.batch] for i in range(0, min(len(train), 1024), args.batch)]
 
     def pruned(budget: float, options: dict) -> torch.nn.Module:
-        model = ttp.patch_model(copy.deepcopy(dense), budget=budget, **options)
+        model = ttp.patch_model(copy.deepcopy(probe), budget=budget, **options)
         ttp.calibrate(model, calib)
         return model
 
@@ -204,6 +215,12 @@ def main() -> None:
             name = f"(e) distilled {args.long_epochs} epochs, {label} @{args.long_budget}"
             speed_models[name] = distilled(name, args.long_budget, options, args.long_epochs)
 
+    for name in rows:  # adaptive rows against the top-k rows of the same budget and training
+        if "adaptive" in name:
+            for rival in (name.replace("adaptive", label) for label in ("top-k, AS-ViT score", "top-k, EViT score")):
+                rival = rival.replace("(b)", "(c)")
+                if rival in right:
+                    rows[name].setdefault("mcnemar", {})[rival] = peers.mcnemar(right[name], right[rival])
     speed = throughput(speed_models, test.tensors[0][: args.batch], args.repeats)
     dense_gflops = None
     for model in speed_models.values():

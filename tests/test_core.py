@@ -65,3 +65,33 @@ def test_gathers_match_plain_indexing():
     torch.testing.assert_close(core.gather_rope(rope, positions, 1)[1, 0], rope[positions[1, 1:] - 1])
     per_head = torch.randn(3, 6, 4)
     torch.testing.assert_close(core.gather_rope(per_head, positions, 1)[0], per_head[:, positions[0, 1:] - 1])
+
+
+def test_attention_groups_split_only_when_padding_would_cost():
+    assert core.attention_groups([10] * 16) is None  # equal counts: nothing to save
+    assert core.attention_groups([30, 5, 5, 5]) is None  # too few images to split
+    counts = [40, 8, 9, 38, 10, 39, 7, 41, 8, 9, 10, 40]
+    groups = core.attention_groups(counts)
+    assert sorted(i for index, _ in groups for i in index) == list(range(len(counts)))
+    assert all(length == max(counts[i] for i in index) for index, length in groups)
+    assert sum(len(g) * n**2 for g, n in groups) < 0.6 * len(counts) * max(counts) ** 2
+
+
+def test_grouped_attention_equals_one_padded_call_at_every_real_token():
+    """Each group runs on its own images, cut to its longest one; a slow per-image loop is the reference."""
+    batch, heads, tokens, dim = 10, 3, 12, 8
+    q, k, v = _qkv(batch, heads, tokens, dim, seed=3)
+    counts = [12, 3, 4, 11, 5, 12, 2, 6, 9, 3]
+    valid = torch.arange(tokens) < torch.tensor(counts)[:, None]
+    sizes = torch.rand(batch, tokens) * 3 + 1
+    pairwise = torch.randn(batch, heads, tokens, tokens)  # a relative-position-style bias, one per image
+    groups = [(torch.tensor(index), length) for index, length in core.attention_groups(counts, min_images=2)]
+    assert len(groups) > 1
+    for bias in (core.size_bias(sizes, q.dtype), pairwise):
+        out = core.attend_grouped(q, k, v, groups, valid=valid, bias=bias)
+        for b, n in enumerate(counts):
+            own = bias[b : b + 1, ..., :n] if bias.shape[-2] == 1 else bias[b : b + 1, :, :n, :n]
+            expected = F.scaled_dot_product_attention(q[b : b + 1, :, :n], k[b : b + 1, :, :n], v[b : b + 1, :, :n], attn_mask=own)
+            torch.testing.assert_close(out[b : b + 1, :, :n], expected, atol=1e-5, rtol=1e-5)
+        padded = core.attend(q, k, v, valid=valid, bias=bias)
+        torch.testing.assert_close(out[valid[:, None, :, None].expand_as(out)], padded[valid[:, None, :, None].expand_as(out)], atol=1e-5, rtol=1e-5)

@@ -103,6 +103,18 @@ def test_batch_invariance(case):
     assert (batched - singles).abs().max().item() <= 1e-4
 
 
+@pytest.mark.parametrize("case", ["vit", "no_class_token_map", "layerscale_dinov2"])
+def test_batch_invariance_with_attention_in_groups(case):
+    """A batch large enough for attention to run in groups of similar counts (`core.attention_groups`)."""
+    model = patched(case)
+    x = torch.cat([images(8, seed=3), images(8, seed=4)])
+    with torch.no_grad():
+        batched = model(x)
+        assert ttp.get_pruner(model).state.layout.groups is not None
+        singles = torch.cat([model(x[i : i + 1]) for i in range(len(x))])
+    assert (batched - singles).abs().max().item() <= 1e-4
+
+
 def _slow_reference(model, x: torch.Tensor, thresholds: list[float], locations, **options) -> torch.Tensor:
     """One image through the *unpatched* model block by block, with the AS-ViT score computed from the
     full attention matrix; tokens with S <= theta (the best patch always stays) are dropped or merged

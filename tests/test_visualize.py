@@ -76,3 +76,11 @@ def test_bad_images_get_clear_errors():
         ttp.visualize(model, images(1, size=48)[0])
     with pytest.raises(ttp.NotPatchedError, match="wrapper: visualize model.module"):
         ttp.visualize(torch.nn.DataParallel(model), photo())
+
+
+def test_a_model_pruned_after_every_block_shows_four_stages_the_last_included():
+    from timm_token_prune.visualize import shown_stages
+
+    assert shown_stages(3) == [0, 1, 2]
+    assert shown_stages(11) == [2, 5, 7, 10]
+    assert shown_stages(5) == [0, 1, 3, 4]

@@ -33,8 +33,9 @@ def prepare_image(model: nn.Module, image) -> torch.Tensor:
 @torch.no_grad()
 def visualize(model: nn.Module, image, *, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
               scale: int = 2):
-    """A PIL image: `image` shown once per pruning stage with the patches pruned before that stage greyed
-    out and the kept ones outlined, the kept count in each panel's title. A model patched with
+    """A PIL image: `image` shown once per pruning stage (at most four, evenly spaced and the last, see
+    `shown_stages`) with the patches pruned before that stage greyed out and the kept ones outlined, the
+    kept count in each panel's title. A model patched with
     `restore_tokens` gets one more panel, the restored grid: filled positions tinted blue, each joined by a
     line to the kept patch its fill is read from ('nearest' / 'offset'; 'dropped' fills read themselves).
 
@@ -72,7 +73,9 @@ def visualize(model: nn.Module, image, *, mean: Sequence[float] | None = None, s
     grey = rgb.mean(0, keepdim=True).expand(3, -1, -1) * 0.25 + 0.55
     panels = [("input", rgb, None, None)]
     ph, pw = height // grid_h, width // grid_w
-    for stage, (positions, valid) in enumerate(pruner.kept_positions()):
+    kept_positions = pruner.kept_positions()
+    for stage in shown_stages(len(kept_positions)):
+        positions, valid = kept_positions[stage]
         kept = positions[0] if valid is None else positions[0][valid[0]]
         kept_patches = kept[kept >= prefix] - prefix
         mask = torch.zeros(patches, dtype=torch.bool)
@@ -103,6 +106,14 @@ def visualize(model: nn.Module, image, *, mean: Sequence[float] | None = None, s
             draw.line([(centre[0][0], centre[1][0]), (centre[0][1], centre[1][1])], fill=(230, 80, 20), width=1)
             draw.ellipse([centre[0][0] - 1, centre[1][0] - 1, centre[0][0] + 1, centre[1][0] + 1], fill=(230, 80, 20))
     return canvas
+
+
+def shown_stages(stages: int, most: int = 4) -> list[int]:
+    """The stages that get a panel: all of up to `most`, else `most` of them evenly spaced, the last included
+    (a model pruned after every block has a stage per block)."""
+    if stages <= most:
+        return list(range(stages))
+    return sorted({round((i + 1) * stages / most) - 1 for i in range(most)})
 
 
 def _restored_panel(pruner, rgb: torch.Tensor, grid_h: int, grid_w: int, patch: tuple[int, int]):
