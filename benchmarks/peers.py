@@ -211,7 +211,7 @@ def accuracy_run(args) -> dict:
     base = realdata.dinov2_small("timm", img_size=args.img_size, num_classes=10)
     accuracy.train_probe(base, train, args.batch)
     tokens = base.patch_embed.num_patches + base.num_prefix_tokens
-    calib = [train.tensors[0][i : i + args.batch] for i in range(0, min(len(train), 1024), args.batch)]
+    calib = [train.tensors[0][i : i + args.batch] for i in range(0, min(len(train), args.calib_images), args.batch)]
     results = {"setup": vars(args), "rows": {}}
     rows, right = results["rows"], {}
 
@@ -238,15 +238,17 @@ def accuracy_run(args) -> dict:
         topk = ours(TOPK)
         report(f"top-k @{budget}", topk)
         speed_models.update({f"ToMe @{budget}": merged, f"defaults @{budget}": defaults, f"top-k @{budget}": topk})
-        for label, options in ABLATION.items():
-            report(f"defaults, {label} @{budget}", ours(options))
+        if budget in args.ablation:
+            for label, options in ABLATION.items():
+                report(f"defaults, {label} @{budget}", ours(options))
         if budget in args.finetune:
-            teacher_logits = accuracy.logits(base, train.tensors[0], args.batch)
+            tune = TensorDataset(*(t[: args.finetune_images] for t in train.tensors))
+            teacher_logits = accuracy.logits(base, tune.tensors[0], args.batch)
             tuned = ours(DEFAULTS)
-            minutes = finetune_ours(tuned, train, teacher_logits, args, os.path.join(HERE, "results", "peers-runs"))
+            minutes = finetune_ours(tuned, tune, teacher_logits, args, os.path.join(HERE, "results", "peers-runs"))
             report(f"defaults, distilled 1 epoch @{budget}", tuned, train_minutes=minutes)
             tuned_tome, merges = tome_for(base, rows[f"defaults, distilled 1 epoch @{budget}"]["macs"] / dense_macs, tokens)
-            minutes = finetune_tome(tuned_tome, train, teacher_logits, args)
+            minutes = finetune_tome(tuned_tome, tune, teacher_logits, args)
             report(f"ToMe, fine-tuned 1 epoch @{budget}", tuned_tome, macs_of=lambda m, r=merges: tome.tome_macs(m, r, tokens),
                    merges=merges, train_minutes=minutes)
     for name, row in rows.items():
@@ -284,6 +286,9 @@ def main() -> None:
     parser.add_argument("--test-images", type=int, default=None, help="default: all 10,000")
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.65, 0.5, 0.4])
     parser.add_argument("--finetune", type=float, nargs="*", default=[], help="budgets with fine-tuned rows")
+    parser.add_argument("--finetune-images", type=int, default=10_000, help="the first N training images")
+    parser.add_argument("--ablation", type=float, nargs="*", default=[0.65, 0.5], help="budgets with the schedule ablation")
+    parser.add_argument("--calib-images", type=int, default=1024)
     parser.add_argument("--lr", type=float, default=2e-5)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=15, help="speed rounds (0: no speed)")

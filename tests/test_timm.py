@@ -333,6 +333,26 @@ def test_calibrate_meets_budget_on_held_out_batches():
     assert sum(ratios) / len(ratios) == pytest.approx(0.6, abs=0.02)
 
 
+@pytest.mark.parametrize("case", ["vit", "deit_distilled", "no_class_token_avg"])
+def test_calibrate_in_one_pass_sets_the_thresholds_of_the_stage_by_stage_passes(case, monkeypatch):
+    """calibrate runs a small calibration set as one batch (every stage's threshold set as the forward reaches
+    it); a large one batch by batch, stage by stage. Per-image results do not depend on the batch, so both
+    give the same thresholds."""
+    from timm_token_prune import api
+
+    batches = [images(16, seed=s) for s in (20, 21, 22)]
+    one_pass = ttp.patch_model(make_model(case, depth=8), budget=0.5)
+    stats = ttp.calibrate(one_pass, batches)
+    monkeypatch.setattr(api, "ONE_PASS_VALUES", 0)
+    staged = ttp.patch_model(make_model(case, depth=8), budget=0.5)
+    staged_stats = ttp.calibrate(staged, batches)
+    pruners = ttp.get_pruner(one_pass), ttp.get_pruner(staged)
+    assert len(pruners[0].locations) == 7 and pruners[0].calibrating is None
+    torch.testing.assert_close(pruners[0].thresholds, pruners[1].thresholds, rtol=1e-5, atol=1e-6)
+    assert stats.flops_ratio == pytest.approx(staged_stats.flops_ratio, abs=1e-6)
+    assert stats.flops_ratio == pytest.approx(0.5, abs=0.02)
+
+
 # ---- other modes ---------------------------------------------------------------------------------
 def test_topk_policy_keeps_equal_counts_and_is_batch_invariant():
     model = ttp.patch_model(make_model("vit"), budget=0.5, prune_locations=LOCATIONS, keep_policy="topk", score="mean")

@@ -144,12 +144,34 @@ def sample_images(pruner: TokenPruner, batches: Iterable[Any], caller: str) -> l
     return images
 
 
+# calibrate runs all its images as one batch when their tokens hold at most this many values (x width), so
+# that every stage's threshold is set in a single forward; a larger set is run batch by batch, stage by stage
+ONE_PASS_VALUES = 2**27
+
+
 def _fit_thresholds(model: nn.Module, pruner: TokenPruner, images: list[torch.Tensor], rho: float, budget: float) -> None:
+    """Each stage's threshold: the quantile of its statistic over every calibration image's eligible patch
+    tokens that leaves the fraction rho, given the earlier stages' thresholds (so stage by stage)."""
     thresholds = pruner.thresholds
     thresholds.fill_(-1.0)  # keep all while the later stages are unset
     if budget >= 1.0:
         return
     prefix = pruner.num_prefix_tokens
+
+    def threshold(statistic: torch.Tensor, eligible: torch.Tensor | None) -> torch.Tensor | float:
+        s = statistic[:, prefix:]
+        return _midpoint_quantile((s[eligible[:, prefix:]] if eligible is not None else s.flatten()).float(), 1.0 - rho)
+
+    width = pruner.flops.attn_per_pair // 2
+    if sum(len(x) for x in images) * pruner.state.num_tokens * width <= ONE_PASS_VALUES:
+        # one batch of every image: per-image results do not depend on the batch, so the quantiles are those
+        # of the stage-by-stage passes below, at the cost of one forward instead of one per stage
+        pruner.calibrating = threshold
+        try:
+            model(torch.cat(images))
+        finally:
+            pruner.calibrating = None
+        return
     for stage in range(len(pruner.locations)):
         scores = []
         for x in images:

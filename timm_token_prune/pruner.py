@@ -10,6 +10,7 @@ remaining tokens are (order, padding, packing, sizes, the restore map) is the `T
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -123,6 +124,8 @@ class TokenPruner(nn.Module):
         self.drop_in_training = True
         self._keeps_all: tuple[int, bool] = (-1, False)  # (thresholds version, every threshold keeps all)
         self.stop_after: int | None = None  # calibration: end forward passes at this stage's scores
+        # calibration in one pass: (statistic, eligible) -> the stage's threshold, set as the forward reaches it
+        self.calibrating: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor | float] | None = None
 
     def set_counts(self, keep_ratios: tuple[float, ...] | None, static: bool) -> None:
         """Set the top-k fractions (None: unset) and whether every image keeps those fixed counts."""
@@ -189,7 +192,7 @@ class TokenPruner(nn.Module):
     def scoring(self) -> bool:
         """Whether scoring attentions compute scores: not when every threshold keeps every token (budget 1.0),
         so a model patched at 1.0 runs the zoo's own attention throughout. Calibration passes always score."""
-        if self.fixed_counts or self.stop_after is not None:
+        if self.fixed_counts or self.stop_after is not None or self.calibrating is not None:
             return True
         version = self.thresholds._version  # bumped by every in-place change: optimiser steps, copy_, fill_
         if self._keeps_all[0] != version:
@@ -267,6 +270,9 @@ class TokenPruner(nn.Module):
         if not self.fixed_counts:  # top-k ranks the raw scores: the same order, and static for export
             scores = self._statistic(scores, eligible)
         state.stage_scores.append((scores.detach(), eligible))
+        if self.calibrating is not None:  # `calibrate`'s one-pass mode: this stage's threshold from this batch
+            with torch.no_grad():
+                self.thresholds[stage] = self.calibrating(scores.detach(), eligible)
         if state.stop_after == stage:
             raise StopForward
         if not self.training and self.fixed_counts:
