@@ -207,11 +207,13 @@ def gather_rope(rope: torch.Tensor, positions: torch.Tensor, num_prefix: int) ->
     raise ValueError(f"rotary embeddings of shape {tuple(rope.shape)} are not supported")
 
 
-def _top_patches(scores: torch.Tensor, eligible: torch.Tensor, num_prefix: int, k: int) -> torch.Tensor:
-    """Indices (B, k) of the k best eligible patch tokens (a NaN score ranks last among the eligible ones)."""
+def _top_patches(scores: torch.Tensor, eligible: torch.Tensor | None, num_prefix: int, k: int) -> torch.Tensor:
+    """Indices (B, k) of the k best eligible patch tokens (a NaN score ranks last among the eligible ones;
+    `eligible` None: all are)."""
     lowest = torch.finfo(scores.dtype).min
     patch_scores = scores[:, num_prefix:].nan_to_num(nan=lowest, neginf=lowest)
-    patch_scores = patch_scores.masked_fill(~eligible[:, num_prefix:], float("-inf"))
+    if eligible is not None:
+        patch_scores = patch_scores.masked_fill(~eligible[:, num_prefix:], float("-inf"))
     return patch_scores.topk(k, dim=1, sorted=False).indices + num_prefix
 
 
@@ -222,12 +224,13 @@ def mass_share(scores: torch.Tensor, eligible: torch.Tensor | None, num_prefix: 
     s = scores.clamp_min(0)
     if eligible is not None:
         s = s * eligible
-    s = torch.cat([torch.zeros_like(s[:, :num_prefix]), s[:, num_prefix:]], dim=1)
+    s[:, :num_prefix] = 0
     ordered, order = s.sort(dim=1, descending=True, stable=True)
     total = ordered.sum(dim=1, keepdim=True)
     share = (total - (ordered.cumsum(dim=1) - ordered)) / total.clamp_min(_EPS)
     share = torch.empty_like(share).scatter(1, order, share)
-    return torch.cat([torch.ones_like(share[:, :num_prefix]), share[:, num_prefix:]], dim=1)
+    share[:, :num_prefix] = 1
+    return share
 
 
 def hard_keep(
@@ -245,17 +248,13 @@ def hard_keep(
     keep[:, :num_prefix] = True
     k = min(min_keep, scores.shape[1] - num_prefix)
     if k > 0:
-        if eligible is None:
-            eligible = torch.ones_like(keep)
         keep.scatter_(1, _top_patches(scores, eligible, num_prefix, k), True)
     return keep
 
 
 def topk_keep(scores: torch.Tensor, *, num_prefix: int, k: int, eligible: torch.Tensor | None = None) -> torch.Tensor:
     """Bool (B, N): prefix tokens and the k best patches of each image."""
-    if eligible is None:
-        eligible = torch.ones_like(scores, dtype=torch.bool)
-    keep = torch.zeros_like(eligible)
+    keep = torch.zeros_like(scores, dtype=torch.bool)
     keep[:, :num_prefix] = True
     return keep.scatter_(1, _top_patches(scores, eligible, num_prefix, k), True)
 
@@ -281,7 +280,8 @@ def novelty(scores: torch.Tensor, similarity: torch.Tensor, eligible: torch.Tens
     higher[:, :, :num_prefix] = False
     if eligible is not None:
         higher &= eligible[:, None, :]
-    return 1 - similarity.masked_fill(~higher, 0.0).amax(dim=-1).clamp_min(0)
+    # each row holds a 0 (a token never scores above itself), so the maximum is never below 0
+    return 1 - similarity.masked_fill(~higher, 0.0).amax(dim=-1)
 
 
 def nearest_kept(similarity: torch.Tensor, keep: torch.Tensor, num_prefix: int) -> torch.Tensor:
@@ -305,17 +305,14 @@ def merge_into_kept(
     size-weighted mean; the kept token's size (B, N) grows by the merged ones' (later attentions count a
     token of size s as s copies: `size_bias`). Prefix tokens neither merge nor receive. Returns (x, sizes);
     rows that receive nothing stay unchanged, bit for bit."""
-    targets = keep.clone()
-    targets[:, :num_prefix] = False
     if destination is None:
         destination = nearest_kept(token_similarity(x) if similarity is None else similarity, keep, num_prefix)
-    weights = sizes * dropped.to(sizes.dtype)
-    weights[:, :num_prefix] = 0
+    weights = sizes * dropped.to(sizes.dtype)  # prefix tokens are kept, so never dropped
     added = torch.zeros_like(sizes).scatter_add_(1, destination, weights)
     summed = torch.zeros_like(x).scatter_add_(
         1, destination[..., None].expand_as(x), weights.to(x.dtype)[..., None] * x
     )
-    receives = targets & (added > 0)
+    receives = added > 0  # only kept patch tokens are destinations
     new_sizes = torch.where(receives, sizes + added, sizes)
     merged = (sizes.to(x.dtype)[..., None] * x + summed) / new_sizes.to(x.dtype)[..., None]
     return torch.where(receives[..., None], merged, x), new_sizes
