@@ -163,7 +163,8 @@ def _fit_thresholds(model: nn.Module, pruner: TokenPruner, images: list[torch.Te
         return _midpoint_quantile((s[eligible[:, prefix:]] if eligible is not None else s.flatten()).float(), 1.0 - rho)
 
     width = pruner.flops.attn_per_pair // 2
-    if sum(len(x) for x in images) * pruner.state.num_tokens * width <= ONE_PASS_VALUES:
+    same_shape = len({tuple(x.shape[1:]) for x in images}) == 1  # else each batch is checked as it runs
+    if same_shape and sum(len(x) for x in images) * pruner.state.num_tokens * width <= ONE_PASS_VALUES:
         # one batch of every image: per-image results do not depend on the batch, so the quantiles are those
         # of the stage-by-stage passes below, at the cost of one forward instead of one per stage
         pruner.calibrating = threshold
