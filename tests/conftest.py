@@ -115,3 +115,12 @@ def reference_prune(
 @pytest.fixture(params=sorted(TIMM_CASES))
 def case(request) -> str:
     return request.param
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: much quicker than two on a shared, busy machine (the CLI and examples time models)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import pickle
+import warnings
 
 import pytest
 import timm
 import torch
 from conftest import LOCATIONS, images, make_model
-from timm.models.vision_transformer import ParallelScalingBlock
+from timm.models.vision_transformer import ParallelScalingBlock, VisionTransformer
 
 import timm_token_prune as ttp
+from timm_token_prune import adapters
+from timm_token_prune.adapters import VisionTransformerAdapter
 
 
 def _snapshot(model: torch.nn.Module):
@@ -216,3 +219,172 @@ def test_one_calibration_serves_other_image_sizes(policy):
         stats = ttp.last_stats(model)
         assert stats.tokens == (size // 4) ** 2 + 1
         assert abs(stats.flops_ratio - 0.6) <= 0.05, (size, stats.flops_ratio)
+
+
+# ---- no silent budget ----------------------------------------------------------------------------
+def _uncalibrated_warnings(model: torch.nn.Module, x: torch.Tensor) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            model(x)
+    return [str(w.message) for w in caught if "never set" in str(w.message)]
+
+
+def test_an_uncalibrated_model_warns_once_with_its_flops_ratio():
+    model = ttp.patch_model(make_model("vit"), budget=0.5, prune_locations=LOCATIONS)
+    model.train()
+    assert _uncalibrated_warnings(model, images(4)) == []  # training: distill's business
+    model.eval()
+    (message,) = _uncalibrated_warnings(model, images(4))
+    ratio = ttp.last_stats(model).flops_ratio
+    assert f"FLOPs ratio of {ratio:.3f}, not its budget of 0.5" in message and "calibrate(model, batches)" in message
+    assert ratio > 0.6  # the default thresholds miss the budget: the warning is not idle
+    assert _uncalibrated_warnings(model, images(4)) == []  # once
+
+
+@pytest.mark.parametrize(
+    "setup",
+    ["calibrate", "threshold_init", "budget_one", "topk", "loaded_state", "trained"],
+)
+def test_set_thresholds_never_warn(setup):
+    options = {
+        "threshold_init": dict(threshold_init=(0.1, 0.2, 0.3)),
+        "budget_one": dict(budget=1.0),
+        "topk": dict(keep_policy="topk"),
+    }.get(setup, {})
+    model = ttp.patch_model(make_model("vit"), **{"budget": 0.5, **options}, prune_locations=LOCATIONS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # calibration's own forward passes do not warn either
+        if setup == "calibrate":
+            ttp.calibrate(model, [images(8)])
+        if setup == "loaded_state":
+            source = ttp.patch_model(make_model("vit"), budget=0.5, prune_locations=LOCATIONS)
+            ttp.calibrate(source, [images(8)])
+            model.load_state_dict(source.state_dict())
+        if setup == "trained":  # e.g. by a transformers Trainer: the thresholds learnt the budget
+            thresholds = ttp.get_pruner(model).thresholds
+            before = thresholds.detach().clone()
+            model.train()
+            model(images(4))
+            ttp.budget_loss(model).backward()
+            torch.optim.SGD([thresholds], lr=0.1).step()
+            model.eval()
+            assert not torch.equal(thresholds.detach(), before)
+        with torch.no_grad():
+            model(images(4))
+
+
+# ---- bad options ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "options, error, match",
+    [
+        (dict(novelty="no"), TypeError, "novelty must be True or False, got 'no'"),
+        (dict(score_gradient=1), TypeError, "score_gradient must be True or False, got 1"),
+        (dict(threshold_init=(float("nan"),) * 3), ValueError, "threshold_init must hold finite numbers"),
+        (dict(threshold_init=(0.1, float("inf"), 0.3)), ValueError, "threshold_init must hold finite numbers"),
+        (dict(min_keep=1.5), TypeError, "min_keep must be a whole number >= 1 .* got 1.5"),
+        (dict(min_keep=True), TypeError, "min_keep must be a whole number >= 1 .* got True"),
+        (dict(min_keep="2"), TypeError, "min_keep must be a whole number >= 1 .* got '2'"),
+        (dict(min_keep=0), ValueError, "min_keep must be >= 1"),
+        (dict(min_keep=65), ValueError, "min_keep=65 is more than the 64 patch tokens"),
+        (dict(min_keep=65, keep_policy="topk"), ValueError, "min_keep=65 is more than the 64 patch tokens"),
+        (dict(keep_ratios=(0.5, 0.5, 0.5)), ValueError, "keep_ratios=.* applies to keep_policy='topk' only"),
+        (dict(prune_locations=(2.7, 4)), TypeError, r"whole block indices .* got \(2.7, 4\)"),
+        (dict(temperature=float("inf")), ValueError, "temperature must be > 0 and finite"),
+        (dict(temperature="0.1"), TypeError, "temperature must be a number"),
+    ],
+)
+def test_bad_option_values_are_refused_at_patch_time(options, error, match):
+    model = make_model("vit")
+    snapshot = _snapshot(model)
+    with pytest.raises(error, match=match):
+        ttp.patch_model(model, **{"budget": 0.5, "prune_locations": LOCATIONS, **options})
+    _assert_unchanged(model, snapshot)
+
+
+def test_whole_numbers_of_other_types_are_accepted():
+    import numpy as np
+
+    config = ttp.PruneConfig(prune_locations=np.array([2, 4]), min_keep=np.int64(2), threshold_init=(1, 0.5))
+    assert config.prune_locations == (2, 4) and type(config.min_keep) is int and config.threshold_init == (1.0, 0.5)
+    assert ttp.PruneConfig(min_keep=64).min_keep == 64 and ttp.patch_model(make_model("vit"), min_keep=64)
+
+
+# ---- the adapter contract ------------------------------------------------------------------------
+class _Adapter(VisionTransformerAdapter):
+    """A third-party adapter for a subclass of VisionTransformer, broken in one of several ways."""
+
+    name = "broken"
+
+    def __init__(self, fault: str) -> None:
+        self.fault = fault
+
+    def model_classes(self):
+        if self.fault == "model_classes":
+            raise RuntimeError("boom")
+        return (_MyViT,)
+
+    def check(self, model, config):
+        return (100,) if self.fault == "locations" else super().check(model, config)
+
+    def patch(self, model, config, locations):
+        if self.fault == "returns":
+            super().patch(model, config, locations)
+            return "a pruner"
+        if self.fault == "raises":
+            super().patch(model, config, locations)
+            raise RuntimeError("failed part-way")
+        return super().patch(model, config, locations)
+
+
+class _MyViT(VisionTransformer):
+    pass
+
+
+@pytest.fixture
+def broken_adapter():
+    registered = []
+
+    def register(fault: str) -> adapters.Adapter:
+        registered.append(adapters.register_adapter(_Adapter(fault)))
+        return registered[-1]
+
+    yield register
+    for adapter in registered:
+        adapters.ADAPTERS.remove(adapter)
+
+
+def _my_vit() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return _MyViT(img_size=32, patch_size=4, embed_dim=48, depth=6, num_heads=3, num_classes=10).eval()
+
+
+def test_an_adapter_whose_model_classes_raise_is_named_and_skipped(broken_adapter):
+    patched = ttp.patch_model(make_model("vit"), budget=0.5)
+    broken_adapter("model_classes")
+    with pytest.warns(UserWarning, match="the 'broken' adapter .* was skipped: RuntimeError: boom"):
+        ttp.unpatch_model(patched)  # other models still work
+    assert type(patched) is VisionTransformer
+    ttp.patch_model(patched, budget=0.5)
+    with pytest.raises(ttp.UnsupportedModelError, match="no adapter knows it; the 'broken' adapter .* boom"):
+        ttp.patch_model(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize(
+    "fault, error, match",
+    [
+        ("returns", TypeError, "the 'broken' adapter's patch\\(\\) returned a str, not the TokenPruner"),
+        ("raises", RuntimeError, "failed part-way"),
+        ("locations", ValueError, r"prune_locations \(100,\) .* of 6 blocks: .* \[1, 5\]"),
+    ],
+)
+def test_a_failing_adapter_leaves_the_model_as_it_was(broken_adapter, fault, error, match):
+    broken_adapter(fault)
+    model = _my_vit()
+    snapshot = _snapshot(model)
+    hooks = dict(model._forward_hooks)
+    with pytest.raises(error, match=match):
+        ttp.patch_model(model, budget=0.5)
+    _assert_unchanged(model, snapshot)
+    assert type(model) is _MyViT and dict(model._forward_hooks) == hooks
+    assert all(not hasattr(m, "_token_pruner") for m in model.modules())

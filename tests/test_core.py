@@ -95,3 +95,30 @@ def test_grouped_attention_equals_one_padded_call_at_every_real_token():
             torch.testing.assert_close(out[b : b + 1, :, :n], expected, atol=1e-5, rtol=1e-5)
         padded = core.attend(q, k, v, valid=valid, bias=bias)
         torch.testing.assert_close(out[valid[:, None, :, None].expand_as(out)], padded[valid[:, None, :, None].expand_as(out)], atol=1e-5, rtol=1e-5)
+
+
+def test_merging_after_the_gather_equals_merging_before_it():
+    """`merge_gathered` (eval: only the leaving tokens are read) = `merge_into_kept` on every token, then
+    the gather; rows that receive nothing are unchanged bit for bit."""
+    generator = torch.Generator().manual_seed(5)
+    batch, tokens, channels, prefix = 3, 12, 8, 1
+    x = torch.randn(batch, tokens, channels, generator=generator)
+    sizes = torch.randint(1, 4, (batch, tokens), generator=generator).float()
+    keep = torch.rand(batch, tokens, generator=generator) < 0.5
+    keep[:, :2] = True  # the prefix and at least one patch
+    similarity = core.token_similarity(x)
+    destination = core.nearest_kept(similarity, keep, prefix)
+    merged, merged_sizes = core.merge_into_kept(x, keep, ~keep, sizes, prefix, destination=destination)
+    order = core.kept_first(keep)
+    most, fewest = int(keep.sum(1).max()), int(keep.sum(1).min())
+    front, tail = order[:, :most], order[:, fewest:]
+    slot = torch.zeros_like(order).scatter_(1, front, torch.arange(most).expand_as(front))
+    got, got_sizes = core.merge_gathered(
+        core.take_rows(x, front), sizes.gather(1, front), core.take_rows(x, tail),
+        (sizes * ~keep).gather(1, tail), slot.gather(1, destination.gather(1, tail)),
+    )
+    assert torch.allclose(got, core.take_rows(merged, front), atol=1e-6)
+    assert torch.equal(got_sizes, merged_sizes.gather(1, front))
+    untouched = got_sizes == sizes.gather(1, front)
+    assert untouched.any() and torch.equal(got[untouched], core.take_rows(x, front)[untouched])
+    assert torch.equal(core.token_similarity(x, tail), core.take_rows(similarity, tail))

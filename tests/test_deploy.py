@@ -43,6 +43,7 @@ def test_freeze_fixes_counts_at_the_adaptive_flops(case):
     assert len(set(ttp.get_pruner(model).state.counts[-1].tolist())) > 1
 
 
+@pytest.mark.slow  # torch.compile: several seconds
 def test_static_mode_compiles_without_graph_breaks():
     model = frozen()
     x = images(4)
@@ -54,6 +55,7 @@ def test_static_mode_compiles_without_graph_breaks():
     torch._dynamo.reset()
 
 
+@pytest.mark.slow  # torch.compile: several seconds
 def test_adaptive_mode_has_documented_graph_breaks():
     model = adaptive()
     explanation = torch._dynamo.explain(model)(images(4))

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -36,8 +37,9 @@ def test_thresholds_never_calibrated_are_calibrated_on_the_first_batches_and_rea
     them on its first batches, says so, and logs it."""
     model = student(budget=0.5, calibrated=False)
     loader = DataLoader(dataset(96), batch_size=16, shuffle=True)
-    with pytest.warns(UserWarning, match="never calibrated: distill calibrated them on the first 96 training images"):
+    with pytest.warns(UserWarning, match="never calibrated: distill calibrated them on the first 96 training images") as said:
         ttp.distill(model, loader, epochs=3, lr=1e-3, output_dir=tmp_path, progress=False)
+    assert sum("calibrat" in str(w.message) for w in said) == 1  # said once: not by its eval passes too
     assert abs(evaluate(model, loader)["flops_ratio"] - 0.5) <= 0.05
     assert '"kind": "calibration"' in (tmp_path / "metrics.jsonl").read_text()
     assert ttp.get_pruner(model).is_calibrated
@@ -49,8 +51,9 @@ def test_thresholds_never_calibrated_are_calibrated_on_the_first_batches_and_rea
 def test_a_one_shot_iterator_is_not_eaten_by_calibration():
     model = student(budget=0.5, calibrated=False)
     batches = iter([(images(8, seed=s), torch.arange(8)) for s in range(3)])
-    with pytest.warns(UserWarning, match="one-shot iterator"):
-        ttp.distill(model, batches, max_steps=3, progress=False)
+    with pytest.warns(UserWarning, match="one-shot iterator") as said:
+        ttp.distill(model, batches, max_steps=3, eval_loader=[images(4)], progress=False)
+    assert not [w for w in said if "never set" in str(w.message)]  # distill said it once, its way
 
 
 def test_a_few_steps_lower_the_loss_and_move_flops_to_the_budget(tmp_path):
@@ -476,3 +479,31 @@ def test_checkpoints_in_the_first_format_still_resume(killed, tmp_path, recwarn)
     assert not [w for w in recwarn if "checkpoint" in str(w.message)]  # checkpoint-6 itself was used
     assert _same_weights(killed[0], model)
     assert history[0] == killed[1][0] and history[1]["step"] == 10
+
+
+def test_checkpoints_get_the_permissions_the_umask_allows(tmp_path):
+    """Not mkdtemp's private 0o700: a serving account in the group can read the run."""
+    model = student()
+    old = os.umask(0o027)
+    try:
+        ttp.distill(model, [(images(4), torch.arange(4))], max_steps=1, output_dir=tmp_path / "run", progress=False)
+    finally:
+        os.umask(old)
+    folder = tmp_path / "run" / "checkpoint-1"
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o750
+    assert {stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()} == {0o640}
+    assert stat.S_IMODE((tmp_path / "run" / "latest").stat().st_mode) == 0o640
+
+
+def test_checkpoints_and_distill_import_no_circle():
+    """checkpoints reads DistillConfig from its own module; distill (and the package) still export it."""
+    import ast
+    import importlib
+
+    checkpoints, distill, distill_config = (
+        importlib.import_module(f"timm_token_prune.{name}") for name in ("checkpoints", "distill", "distill_config")
+    )
+    tree = ast.parse(Path(checkpoints.__file__).read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert "distill" not in imported and "distill_config" in imported
+    assert ttp.DistillConfig is distill.DistillConfig is distill_config.DistillConfig

@@ -117,3 +117,31 @@ def test_save_rejects_unpatched_and_keeps_folder_clean(tmp_path):
     with pytest.raises(ttp.NotPatchedError):
         ttp.save_pretrained(model, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "damage, match",
+    [
+        ("nan_thresholds", r"token_prune.safetensors holds non-finite thresholds \(\[nan, 0.2"),
+        ("nan_threshold_init", "invalid prune_config: threshold_init must hold finite numbers"),
+        ("string_novelty", "invalid prune_config: novelty must be True or False, got 'no'"),
+    ],
+)
+def test_non_finite_thresholds_and_non_bool_options_are_refused_at_load(damage, match, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4, depth=6)
+    ttp.patch_model(model, budget=0.5, prune_locations=(2, 3, 5), threshold_init=(0.1, 0.2, 0.3))
+    ttp.save_pretrained(model, tmp_path)
+    if damage == "nan_thresholds":
+        state = load_file(tmp_path / "token_prune.safetensors")
+        state["thresholds"][0] = float("nan")
+        save_file(state, tmp_path / "token_prune.safetensors")
+    else:
+        meta = json.loads((tmp_path / "token_prune_config.json").read_text())
+        key, value = ("threshold_init", [float("nan")] * 3) if damage == "nan_threshold_init" else ("novelty", "no")
+        meta["prune_config"][key] = value
+        (tmp_path / "token_prune_config.json").write_text(json.dumps(meta))
+    with pytest.raises(ttp.CheckpointError, match=f"{tmp_path}: .*{match}"):
+        ttp.from_pretrained(tmp_path)

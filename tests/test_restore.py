@@ -227,6 +227,25 @@ def test_intermediates_without_restore_or_in_training_raise():
         ttp.get_pruner(model).restore(torch.zeros(2, 5, 48))
 
 
+def test_kept_positions_and_restored_sources_are_eval_only_and_need_restore_tokens():
+    model = ttp.patch_model(make_model("vit"), budget=0.5, prune_locations=LOCATIONS, restore_tokens=True,
+                            threshold_init=(0.3, 0.4, 0.5))
+    pruner = ttp.get_pruner(model)
+    with torch.no_grad():
+        model(images(2))
+    assert len(pruner.kept_positions()) == len(LOCATIONS) and pruner.restored_sources().shape == (2, 65)
+    model.train()
+    model(images(2))
+    for ask in (pruner.kept_positions, pruner.restored_sources):
+        with pytest.raises(RuntimeError, match=f"{ask.__name__} is eval only: the last forward ran in training mode"):
+            ask()
+    plain = ttp.patch_model(make_model("vit"), budget=0.5, prune_locations=LOCATIONS, threshold_init=(0.3, 0.4, 0.5))
+    with torch.no_grad():
+        plain(images(2))
+    with pytest.raises(RuntimeError, match="restored_sources needs a model patched with restore_tokens=True"):
+        ttp.get_pruner(plain).restored_sources()  # not None, which would read "nothing was pruned"
+
+
 def test_an_adapter_that_cannot_restore_names_the_option():
     from timm.models.vision_transformer import VisionTransformer
 

@@ -12,6 +12,7 @@ from conftest import LOCATIONS, images, make_model, reference_prune
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 import timm_token_prune as ttp
+from timm_token_prune.layout import TokenLayout
 
 
 def patched(case: str, budget: float = 0.5, **options) -> torch.nn.Module:
@@ -42,7 +43,7 @@ def test_unpatch_restores_exactly(case):
     classes = {name: type(m) for name, m in model.named_modules()}
     with torch.no_grad():
         expected = model(x)
-    ttp.patch_model(model, budget=0.5, prune_locations=LOCATIONS)
+    ttp.patch_model(model, budget=0.5, prune_locations=LOCATIONS, threshold_init=(0.3, 0.5, 0.7))
     with torch.no_grad():
         model(x)
     ttp.unpatch_model(model)
@@ -92,11 +93,16 @@ def test_pruning_drops_tokens_with_counts_varying_per_image(case):
     assert abs(stats.flops_ratio - 0.5) < 0.15
 
 
-def test_batch_invariance(case):
+@pytest.mark.parametrize("packed", [True, False])
+def test_batch_invariance(case, packed, monkeypatch):
+    """Padded batches, packed for the linear layers or not (`TokenLayout.pack_min_gain`), give each image
+    what it gets alone."""
+    monkeypatch.setattr(TokenLayout, "pack_min_gain", 0 if packed else 10**9)
     model = patched(case)
     x = images(6, seed=3)
     with torch.no_grad():
         batched = model(x)
+        assert (ttp.get_pruner(model).state.layout.pack_index is not None) == packed
         counts = [c.tolist() for c in ttp.get_pruner(model).state.counts]
         singles = torch.cat([model(x[i : i + 1]) for i in range(len(x))])
     assert len(set(counts[-1])) > 1, f"keep counts should differ across the batch: {counts}"
@@ -404,7 +410,7 @@ def test_kept_positions_are_nested_and_match_counts():
         previous = [set(positions[b][valid[b]].tolist()) for b in range(positions.shape[0])]
 
 
-# Real timm registry configurations (random weights, small images): the families the README promises.
+# Real timm registry configurations (random weights, small images): the families docs/models.md promises.
 REGISTRY = {
     "deit_tiny_patch16_224": dict(img_size=64),
     "deit_tiny_distilled_patch16_224": dict(img_size=64),

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import timm
 import torch
-from conftest import images
+from conftest import images, make_model
 from PIL import Image
 from test_hf import make_hf
 
@@ -76,6 +78,13 @@ def test_bad_images_get_clear_errors():
         ttp.visualize(model, images(1, size=48)[0])
     with pytest.raises(ttp.NotPatchedError, match="wrapper: visualize model.module"):
         ttp.visualize(torch.nn.DataParallel(model), photo())
+
+
+def test_a_wrong_channel_count_reports_the_shape_the_caller_passed():
+    model = ttp.patch_model(make_model("vit"), budget=0.5, prune_locations=(2, 3, 5), threshold_init=(0.1, 0.2, 0.3))
+    for shape in ((1, 32, 32), (1, 1, 32, 32)):
+        with pytest.raises(ValueError, match=rf"one image of shape \(3, H, W\) .*got {re.escape(str(shape))}$"):
+            ttp.visualize(model, torch.rand(*shape))
 
 
 def test_a_model_pruned_after_every_block_shows_four_stages_the_last_included():

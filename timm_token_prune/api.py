@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
-from .adapters import find_adapter, patched_adapter, supported_models, wrapper_hint
+from .adapters import Adapter, find_adapter, patched_adapter, supported_models, wrapper_hint
+from .adapters.base import adapter_problems
 from .batches import split_batch
 from .config import PruneConfig
 from .errors import AlreadyPatchedError, NotPatchedError, UnsupportedModelError
@@ -40,17 +41,79 @@ def patch_model(model: nn.Module, budget: float = 0.65, *, config: PruneConfig |
     adapter = find_adapter(model)
     if adapter is None:
         reason = wrapper_hint(model) or "no adapter knows it"
-        raise UnsupportedModelError(f"cannot patch {type(model).__name__}: {reason}. Supported: {supported_models()}.")
-    locations = adapter.check(model, config)
+        broken = "".join(f"; {problem}" for problem in adapter_problems())
+        raise UnsupportedModelError(
+            f"cannot patch {type(model).__name__}: {reason}{broken}. Supported: {supported_models()}."
+        )
+    locations = _checked_locations(adapter, adapter.check(model, config))
     if config.restore_tokens and not adapter.restores_tokens:
         raise UnsupportedModelError(
             f"cannot patch {type(model).__name__} with restore_tokens=True: the {adapter.name!r} adapter does not "
             "restore pruned tokens to the grid: for dense outputs use the model unpatched, or patch it without "
             "restore_tokens for pooled outputs"
         )
-    pruner = adapter.patch(model, config, locations)
+    restore = _snapshot(model)
+    try:
+        pruner = adapter.patch(model, config, locations)
+        _check_patched(adapter, model, pruner, locations)
+    except BaseException:
+        restore()  # the adapter failed part-way, or broke its contract: the model as it was
+        raise
     pruner.train(model.training)  # a new module starts in train mode; follow the model's
     return model
+
+
+def _checked_locations(adapter: Adapter, locations: Any) -> tuple[int, ...]:
+    """The locations an adapter's `check` returned: strictly increasing whole block indices >= 1."""
+    try:
+        values = tuple(locations)
+    except TypeError:
+        values = None
+    ok = bool(values) and all(isinstance(i, int) and not isinstance(i, bool) for i in values)
+    if not ok or list(values) != sorted(set(values)) or values[0] < 1:
+        raise TypeError(
+            f"the {adapter.name!r} adapter's check() returned {locations!r}: it must return strictly increasing "
+            "block indices >= 1 (fix the adapter)"
+        )
+    return values
+
+
+def _check_patched(adapter: Adapter, model: nn.Module, pruner: Any, locations: tuple[int, ...]) -> None:
+    """What `adapter.patch` must leave: a TokenPruner at `model.token_pruner`, pruning inside the model."""
+    if not isinstance(pruner, TokenPruner) or getattr(model, "token_pruner", None) is not pruner:
+        raise TypeError(
+            f"the {adapter.name!r} adapter's patch() returned a {type(pruner).__name__}, not the TokenPruner it "
+            "added as model.token_pruner (fix the adapter); the model was left as it was"
+        )
+    depth = pruner.flops.depth
+    if pruner.locations != locations or locations[-1] >= depth:
+        raise ValueError(
+            f"the {adapter.name!r} adapter gave prune_locations {locations} (its pruner: {pruner.locations}) for "
+            f"a model of {depth} blocks: they must be block indices in [1, {depth - 1}] (fix the adapter); the "
+            "model was left as it was"
+        )
+
+
+def _snapshot(model: nn.Module) -> Callable[[], None]:
+    """A function that puts every module of `model` back as it is now: its class and attributes (the
+    dicts among them, i.e. submodules, parameters, buffers and hooks, by content). Tensors are not copied:
+    patching changes no weight."""
+    saved = []
+    for module in model.modules():
+        attributes = dict(module.__dict__)
+        contents = {k: dict(v) for k, v in attributes.items() if isinstance(v, dict)}
+        saved.append((module, type(module), attributes, contents))
+
+    def restore() -> None:
+        for module, cls, attributes, contents in saved:
+            module.__class__ = cls
+            module.__dict__.clear()
+            module.__dict__.update(attributes)
+            for name, items in contents.items():
+                attributes[name].clear()
+                attributes[name].update(items)
+
+    return restore
 
 
 def unpatch_model(model: nn.Module) -> nn.Module:
@@ -93,7 +156,8 @@ def calibrate(
     budget = config.budget if budget is None else PruneConfig(budget=budget).budget
     images = sample_images(pruner, batches, "calibrate")
     saved = {k: v.clone() for k, v in pruner.state_dict().items()}
-    was_training = model.training
+    was_training, warn = model.training, pruner.warn_if_uncalibrated
+    pruner.warn_if_uncalibrated = False  # its own forward passes run before the thresholds are set
     model.eval()
     try:
         model(images[0][:1])
@@ -124,6 +188,7 @@ def calibrate(
         raise
     finally:
         model.train(was_training)
+        pruner.warn_if_uncalibrated = warn
     if abs(error) > tolerance:
         warnings.warn(
             f"calibrate reached a FLOPs ratio of {stats.flops_ratio:.3f} for budget {budget}, the closest it "

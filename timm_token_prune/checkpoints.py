@@ -19,16 +19,15 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
+from .distill_config import DistillConfig
 from .errors import CheckpointError
+from .files import normal_permissions
 from .training import RunningTotals, TrainState
-
-if TYPE_CHECKING:
-    from .distill import DistillConfig
 
 LATEST = "latest"
 METRICS = "metrics.jsonl"
@@ -56,6 +55,8 @@ def save(output: Path, model: nn.Module, optimizer: torch.optim.Optimizer, sched
     try:
         save_file(tensors, staging / "state.safetensors")
         (staging / "state.json").write_text(json.dumps(meta))
+        for path in (staging, *staging.iterdir()):  # mkdtemp's folder and safetensors' file are private
+            normal_permissions(path)
         final = output / f"checkpoint-{state.step}"
         _replace_folder(staging, final)
     except BaseException:

@@ -5,14 +5,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import operator
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-DEFAULT_TEMPERATURES = {"mass": 0.003, "threshold": 0.01}  # measured: benchmarks/train_throughput.py, README
+DEFAULT_TEMPERATURES = {"mass": 0.003, "threshold": 0.01}  # measured: benchmarks/train_throughput.py, docs/benchmarks.md
 FORMAT_VERSION = 3  # 2: pruned_tokens, novelty, 'mass', score_gradient, scale-free thresholds; 3: named schedules
 LOCATION_SCHEDULES = ("every_block", "every_other_block", "paper")
-DEFAULT_LOCATIONS = "every_block"  # measured: benchmarks/peers.py, README
+DEFAULT_LOCATIONS = "every_block"  # measured: benchmarks/peers.py, docs/benchmarks.md
 SCORES = ("head_norm", "mean")
 KEEP_POLICIES = ("mass", "threshold", "topk")
 PRUNED_TOKENS = ("merge", "drop")
@@ -24,7 +25,7 @@ REFERENCE_NUM_PATCHES = 196
 
 @dataclass
 class PruneConfig:
-    """Options of adaptive token pruning (AS-ViT). See the README for the method."""
+    """Options of adaptive token pruning (AS-ViT). See docs/how-it-works.md for the method."""
 
     budget: float = field(
         default=0.65,
@@ -129,48 +130,29 @@ class PruneConfig:
     format_version: int = field(default=FORMAT_VERSION, metadata={"help": "Serialisation format version."})
 
     def __post_init__(self) -> None:
-        if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)):
-            raise TypeError(f"budget must be a number in (0, 1], got {self.budget!r}")
-        if not (0.0 < float(self.budget) <= 1.0) or math.isnan(self.budget):
+        _check_booleans(self)
+        self.budget = _number("budget", self.budget, "in (0, 1]")
+        if not 0.0 < self.budget <= 1.0:
             raise ValueError(
                 f"budget must be in (0, 1] (the fraction of dense FLOPs to keep), got {self.budget!r}; "
                 "use e.g. budget=0.65, or 1.0 to keep every token"
             )
-        self.budget = float(self.budget)
-        if self.prune_locations is None:
-            self.prune_locations = DEFAULT_LOCATIONS
-        if isinstance(self.prune_locations, str):
-            if self.prune_locations not in LOCATION_SCHEDULES:
+        self.prune_locations = _locations(self.prune_locations)
+        for name, allowed in (("score", SCORES), ("pruned_tokens", PRUNED_TOKENS), ("keep_policy", KEEP_POLICIES),
+                              ("restore_fill", RESTORE_FILLS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.temperature is not None:
+            self.temperature = _number("temperature", self.temperature, "> 0 (or None for the policy's default)")
+            if not math.isfinite(self.temperature) or self.temperature <= 0:
                 raise ValueError(
-                    f"prune_locations must be block indices or one of {LOCATION_SCHEDULES}, got {self.prune_locations!r}"
+                    f"temperature must be > 0 and finite (or None for the policy's default), got {self.temperature!r}"
                 )
-        else:
-            locations = tuple(int(i) for i in self.prune_locations)
-            if not locations or list(locations) != sorted(set(locations)) or locations[0] < 1:
-                raise ValueError(
-                    f"prune_locations must be strictly increasing block indices >= 1, got {self.prune_locations!r}"
-                )
-            self.prune_locations = locations
-        if self.score not in SCORES:
-            raise ValueError(f"score must be one of {SCORES}, got {self.score!r}")
-        if self.pruned_tokens not in PRUNED_TOKENS:
-            raise ValueError(f"pruned_tokens must be one of {PRUNED_TOKENS}, got {self.pruned_tokens!r}")
-        if self.keep_policy not in KEEP_POLICIES:
-            raise ValueError(f"keep_policy must be one of {KEEP_POLICIES}, got {self.keep_policy!r}")
-        if self.temperature is not None and not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0 (or None for the policy's default), got {self.temperature!r}")
         if self.threshold_init is not None:
-            self.threshold_init = tuple(float(t) for t in self.threshold_init)
+            self.threshold_init = _thresholds(self.threshold_init)
         if self.keep_ratios is not None:
-            self.keep_ratios = tuple(float(r) for r in self.keep_ratios)
-            if any(not 0.0 < r <= 1.0 for r in self.keep_ratios):
-                raise ValueError(f"keep_ratios must each be in (0, 1], got {self.keep_ratios!r}")
-        if not isinstance(self.restore_tokens, bool):
-            raise TypeError(f"restore_tokens must be True or False, got {self.restore_tokens!r}")
-        if self.restore_fill not in RESTORE_FILLS:
-            raise ValueError(f"restore_fill must be one of {RESTORE_FILLS}, got {self.restore_fill!r}")
-        if int(self.min_keep) < 1:
-            raise ValueError(f"min_keep must be >= 1 so pooling never sees an empty set, got {self.min_keep!r}")
+            self.keep_ratios = _keep_ratios(self.keep_ratios, self.keep_policy)
+        self.min_keep = _min_keep(self.min_keep)
         if self.format_version > FORMAT_VERSION:
             raise ValueError(
                 f"this PruneConfig has format_version {self.format_version}, newer than this library's "
@@ -202,6 +184,84 @@ class PruneConfig:
     @classmethod
     def from_json(cls, text: str) -> "PruneConfig":
         return cls.from_dict(json.loads(text))
+
+
+def _check_booleans(config: PruneConfig) -> None:
+    """Every bool option must be True or False: a string such as 'no' would read as True."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.type == "bool" and not isinstance(value, bool):
+            raise TypeError(f"{f.name} must be True or False, got {value!r}")
+
+
+def _number(name: str, value: Any, wanted: str) -> float:
+    """`value` as a float; TypeError unless it is a number (not a bool, not a string)."""
+    if isinstance(value, (bool, str)) or not hasattr(value, "__float__"):
+        raise TypeError(f"{name} must be a number {wanted}, got {value!r}")
+    return float(value)
+
+
+def _whole(value: Any) -> int | None:
+    """`value` as an int if it is a whole number type (int, numpy / torch integer; not a bool), else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def _locations(locations: Any) -> tuple[int, ...] | str:
+    """A schedule name, or strictly increasing whole block indices >= 1 (None: the default schedule)."""
+    if locations is None:
+        return DEFAULT_LOCATIONS
+    if isinstance(locations, str):
+        if locations not in LOCATION_SCHEDULES:
+            raise ValueError(f"prune_locations must be block indices or one of {LOCATION_SCHEDULES}, got {locations!r}")
+        return locations
+    try:
+        values = tuple(locations)
+    except TypeError:
+        values = None
+    if values is None:
+        raise TypeError(f"prune_locations must be block indices or one of {LOCATION_SCHEDULES}, got {locations!r}")
+    values = tuple(_whole(i) for i in values)
+    if None in values:
+        raise TypeError(f"prune_locations must be whole block indices (ints, not truncated), got {locations!r}")
+    if not values or list(values) != sorted(set(values)) or values[0] < 1:
+        raise ValueError(f"prune_locations must be strictly increasing block indices >= 1, got {locations!r}")
+    return values
+
+
+def _thresholds(values: Any) -> tuple[float, ...]:
+    """threshold_init: one finite number per stage (NaN or inf would keep one patch, or all, per image)."""
+    thresholds = tuple(_number("threshold_init", t, "per stage") for t in values)
+    if not all(math.isfinite(t) for t in thresholds):
+        raise ValueError(f"threshold_init must hold finite numbers, got {values!r}")
+    return thresholds
+
+
+def _keep_ratios(values: Any, policy: str) -> tuple[float, ...]:
+    """keep_ratios: fractions in (0, 1], for keep_policy='topk' only (the other policies have thresholds)."""
+    if policy != "topk":
+        raise ValueError(
+            f"keep_ratios={values!r} applies to keep_policy='topk' only (fixed keep fractions); with "
+            f"keep_policy={policy!r} the thresholds decide: pass keep_policy='topk', or drop keep_ratios"
+        )
+    ratios = tuple(_number("keep_ratios", r, "in (0, 1]") for r in values)
+    if any(not 0.0 < r <= 1.0 for r in ratios):
+        raise ValueError(f"keep_ratios must each be in (0, 1], got {values!r}")
+    return ratios
+
+
+def _min_keep(value: Any) -> int:
+    """min_keep: a whole number >= 1 (checked against the model's patch count at patch time)."""
+    count = _whole(value)
+    if count is None:
+        raise TypeError(f"min_keep must be a whole number >= 1 (patch tokens always kept per image), got {value!r}")
+    if count < 1:
+        raise ValueError(f"min_keep must be >= 1 so pooling never sees an empty set, got {value!r}")
+    return count
 
 
 def _upgrade(data: dict[str, Any]) -> dict[str, Any]:

@@ -267,10 +267,11 @@ def straight_through_mask(
     return hard.to(soft.dtype) + soft - soft.detach()
 
 
-def token_similarity(x: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity (B, N, N) of the tokens x (B, N, C), without gradient."""
+def token_similarity(x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Cosine similarity (B, N, N) of the tokens x (B, N, C), without gradient; with `rows` (B, R), only
+    those tokens' rows (B, R, N)."""
     unit = F.normalize(x.detach().float(), dim=-1)
-    return unit @ unit.transpose(1, 2)
+    return (unit if rows is None else take_rows(unit, rows)) @ unit.transpose(1, 2)
 
 
 def novelty(scores: torch.Tensor, similarity: torch.Tensor, eligible: torch.Tensor | None, num_prefix: int):
@@ -285,7 +286,8 @@ def novelty(scores: torch.Tensor, similarity: torch.Tensor, eligible: torch.Tens
 
 
 def nearest_kept(similarity: torch.Tensor, keep: torch.Tensor, num_prefix: int) -> torch.Tensor:
-    """For every token, the index (B, N) of the kept patch token most similar to it (`similarity`: B, N, N)."""
+    """For every row of `similarity` (B, R, N: tokens against all N), the index (B, R) of the kept patch
+    token (`keep`: B, N) most similar to it."""
     targets = keep.clone()
     targets[:, :num_prefix] = False
     return similarity.masked_fill(~targets[:, None, :], float("-inf")).argmax(dim=-1)
@@ -329,13 +331,31 @@ def key_weights_bias(weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return weights.detach().to(dtype).log()[:, None, None, :]
 
 
-def gather_kept(x: torch.Tensor, keep: torch.Tensor, max_count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Move each image's kept tokens to the front (original order) and cut to `max_count`.
+def take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x (B, N, C) at `index` (B, M): (B, M, C). Whole rows by index_select (on CPU several times faster
+    than gather with an index expanded over C)."""
+    batch, tokens, channels = x.shape
+    flat = (index + torch.arange(batch, device=index.device)[:, None] * tokens).flatten()
+    return x.reshape(batch * tokens, channels).index_select(0, flat).view(batch, index.shape[1], channels)
 
-    Returns the gathered tokens (B, max_count, C) and their source indices (B, max_count).
-    """
-    order = torch.argsort(keep.logical_not().to(torch.int8), dim=1, stable=True)[:, :max_count]
-    return x.gather(1, order[..., None].expand(-1, -1, x.shape[-1])), order
+
+def kept_first(keep: torch.Tensor) -> torch.Tensor:
+    """The order (B, N) that puts each image's kept tokens first, then the others, each in original order."""
+    return torch.argsort(keep.logical_not().to(torch.int8), dim=1, stable=True)
+
+
+def merge_gathered(
+    kept: torch.Tensor, kept_sizes: torch.Tensor, tail: torch.Tensor, tail_weights: torch.Tensor, destination: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`merge_into_kept` after the gather: the kept tokens (B, M, C) of sizes (B, M) take in the `tail`
+    tokens (B, R, C) of weights (B, R: their sizes where they merge, 0 elsewhere) at `destination` (B, R,
+    indices into M), as size-weighted means. Only receiving rows are touched (each gains
+    sum_j w_j (x_j - x_d) / (s_d + sum_j w_j)); the others stay unchanged, bit for bit."""
+    added = torch.zeros_like(kept_sizes).scatter_add_(1, destination, tail_weights)
+    sizes = kept_sizes + added
+    share = (tail_weights / sizes.gather(1, destination)).to(tail.dtype)  # 0 where nothing merges
+    step = (tail - take_rows(kept, destination)).mul_(share[..., None])
+    return kept.scatter_add_(1, destination[..., None].expand_as(step), step), sizes  # (ONNX: no index_add)
 
 
 def packing(valid: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:

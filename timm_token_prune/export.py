@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import torch
 from torch import nn
 
 from .adapters import patched_adapter
+from .files import atomic_file
 
 
 class _Output(nn.Module):
@@ -43,7 +43,7 @@ _FEATURES = ("image_embeds", "pooler_output")  # what a transformers feature mod
 def export_onnx(model: nn.Module, path: str | os.PathLike, example: torch.Tensor, *, opset: int = 17) -> Path:
     """Export a frozen (static-shape) pruned model to ONNX with a dynamic batch dimension; input
     "pixel_values", output "logits" (a classifier) or "features" (the pooled features of a model without
-    a head). Written to a temporary file, then renamed."""
+    a head). Written to a temporary file, then renamed; the file gets the permissions the umask allows."""
     adapter, pruner = patched_adapter(model, "export")
     if not pruner.fixed_counts:
         raise ValueError(
@@ -51,27 +51,26 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example: torch.Tensor
             "(adaptive per-image token counts are data-dependent)"
         )
     adapter.check_images(model, example)
+    if len(example) == 0:
+        raise ValueError(
+            "export_onnx needs an example batch of at least one image, got an empty one (shape "
+            f"{tuple(example.shape)}): it would trace the dense path; pass e.g. torch.randn(1, C, H, W)"
+        )
     classifier = adapter.is_classifier(model)
     output_name = "logits" if classifier else "features"
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     was_training = model.training
     model.eval()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
     try:
-        with torch.no_grad(), warnings.catch_warnings():
+        with atomic_file(path) as tmp, torch.no_grad(), warnings.catch_warnings():
             # the tracer warns about Python ints taken from shapes (token counts): fixed in static mode
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             torch.onnx.export(
-                _Output(model, classifier), (example,), tmp, dynamo=False, opset_version=opset,
+                _Output(model, classifier), (example,), str(tmp), dynamo=False, opset_version=opset,
                 input_names=["pixel_values"], output_names=[output_name],
                 dynamic_axes={"pixel_values": {0: "batch"}, output_name: {0: "batch"}},
             )
-        os.replace(tmp, path)
     finally:
         model.train(was_training)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 

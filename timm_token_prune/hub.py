@@ -32,6 +32,7 @@ from .adapters import ADAPTERS, Adapter, adapter_for_zoo, adapter_named, patched
 from .api import get_pruner, patch_model
 from .config import FORMAT_VERSION, PruneConfig
 from .errors import CheckpointError
+from .files import normal_permissions
 from .pruner import PruneStats, TokenPruner
 
 CONFIG_NAME = "token_prune_config.json"
@@ -126,13 +127,11 @@ def _publish(staging: Path, target: Path) -> None:
             f"cannot save into {target}: {', '.join(blocked)} would be replaced or removed but is read-only; "
             "make it writable or save into another folder (nothing was changed)"
         )
-    umask = os.umask(0)
-    os.umask(umask)
     for name in names:
         if name == CONFIG_NAME:
             for old in stale:
                 (target / old).unlink()
-        os.chmod(staging / name, 0o666 & ~umask)
+        normal_permissions(staging / name)
         os.replace(staging / name, target / name)
 
 
@@ -398,6 +397,12 @@ def _read_pruner_state(folder: Path, name: str) -> dict[str, torch.Tensor]:
     thresholds = state.get("thresholds")
     if thresholds is None or thresholds.ndim != 1 or not thresholds.is_floating_point():
         raise CheckpointError(f"{name}: {THRESHOLDS_NAME} holds no 1-D float tensor named 'thresholds'")
+    for key in ("thresholds", "keep_ratios"):
+        if key in state and not torch.isfinite(state[key].float()).all():
+            raise CheckpointError(
+                f"{name}: {THRESHOLDS_NAME} holds non-finite {key} ({state[key].tolist()}): the file is damaged; "
+                "download or save the checkpoint again"
+            )
     return {k: v for k, v in state.items() if k in ("thresholds", "keep_ratios", "static")}
 
 

@@ -11,14 +11,23 @@ which tokens go live in `TokenPruner`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from . import core
 from .restore import RestoreMap
 
 
+Merge = Callable[[torch.Tensor, int, int], tuple[torch.Tensor, torch.Tensor]]
+
+
 class TokenLayout:
     """The token layout of one forward pass; starts as the embedding's (every token, in order)."""
+
+    # A padded batch is packed when padding x channels exceeds this x its real tokens: packing moves every
+    # token's activations (memory, ~C per token) to save the linear layers' work on padding (~C^2 per token)
+    pack_min_gain = 32
 
     def __init__(self) -> None:
         self.valid: torch.Tensor | None = None  # eval, bool (B, N): real tokens of a padded batch
@@ -36,20 +45,28 @@ class TokenLayout:
         """A pruning point that kept every token where it was."""
         self.kept.append((None, None))
 
-    def move(self, order: torch.Tensor, tokens: int) -> None:
+    def move(self, order: torch.Tensor, tokens: int, sizes: torch.Tensor | None = None) -> None:
         """The layout of `tokens` tokens per image was gathered by `order` (B, M): new token m is old token
-        order[:, m]. Positions, sizes and the restore map follow; `valid` must already be the new one."""
+        order[:, m]. Positions, sizes (or the given new `sizes`) and the restore map follow; `valid` must
+        already be the new one."""
         self.kept.append((order, self.valid))
         self.positions = order if self.positions is None else self.positions.gather(1, order)
-        if self.sizes is not None:
+        if sizes is not None:
+            self.sizes = sizes
+        elif self.sizes is not None:
             self.sizes = self.sizes.gather(1, order)
         if self.restore is not None:
             self.restore.moved(order, tokens)
 
-    def gather(self, x: torch.Tensor, remain: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def gather(
+        self, x: torch.Tensor, remain: torch.Tensor, merge: Merge | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Move each image's `remain` tokens (bool B, N) of x (B, N, C) to the front and cut the batch to
-        the longest; a batch whose images keep different counts is packed (see `pack`). Returns the tokens
-        and the order taken (None: nothing moved)."""
+        the longest; a batch whose images keep different counts is padded, and packed when that saves
+        enough (see `pack`). `merge(order, kept, fewest)`, if given, does the moving instead and folds the
+        leaving tokens in: `order` (B, N) puts each image's remaining tokens first, `kept` of them are taken,
+        `fewest` is the smallest count; it returns the tokens and their sizes. Returns the tokens and the
+        order taken (None: nothing moved)."""
         tokens = remain.shape[1]
         counts = remain.sum(dim=1)
         per_image = counts.tolist()  # the one host sync of a pruning point
@@ -57,18 +74,24 @@ class TokenLayout:
         if fewest == tokens:  # nothing removed, no padding
             self.unmoved()
             return x, None
-        x, order = core.gather_kept(x, remain, most)
-        self.groups = None
-        if most == fewest:
-            self.valid = self.pack_index = self.unpack_index = None
+        order = core.kept_first(remain)
+        sizes = None
+        if merge is None:
+            x = core.take_rows(x, order[:, :most])
         else:
+            x, sizes = merge(order, most, fewest)
+        self.groups = None
+        self.valid = self.pack_index = self.unpack_index = None
+        if most != fewest:
             self.valid = torch.arange(most, device=x.device) < counts[:, None]
-            self.pack_index, self.unpack_index = core.packing(self.valid, total)
+            padding = len(per_image) * most - total
+            if padding * x.shape[-1] > self.pack_min_gain * total:
+                self.pack_index, self.unpack_index = core.packing(self.valid, total)
             groups = core.attention_groups(per_image)
             if groups is not None:
                 self.groups = [(torch.tensor(index, device=x.device), length) for index, length in groups]
-        self.move(order, tokens)
-        return self.pack(x), order
+        self.move(order[:, :most], tokens, sizes)
+        return self.pack(x), order[:, :most]
 
     def follow(self, values: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
         """Per-token values (B, N) of the layout before `gather` -> the new layout's (padding zeroed)."""
@@ -77,7 +100,8 @@ class TokenLayout:
 
     # ---- packed batches ---------------------------------------------------------------------------
     def pack(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, N, C) padded tokens -> (1, T, C) with only the real ones, when the batch is padded.
+        """(B, N, C) padded tokens -> (1, T, C) with only the real ones, when the batch is packed (padded,
+        with enough padding to be worth it: `pack_min_gain`).
 
         Blocks then run their linear layers on real tokens only; attention unpacks them (`unpack`)."""
         return x if self.pack_index is None else x.flatten(0, 1).index_select(0, self.pack_index)[None]
@@ -86,7 +110,7 @@ class TokenLayout:
         """Inverse of `pack`: (1, T, C) -> (B, N, C). Padding holds a copy of the image's first token
         (finite, and hidden as a key), or zeros with `zero_padding`."""
         if self.pack_index is None:
-            return x
+            return x if not zero_padding or self.valid is None else x.masked_fill(~self.valid[..., None], 0)
         batch, tokens = self.valid.shape
         if zero_padding:
             out = x.new_zeros(batch * tokens, x.shape[-1]).index_copy_(0, self.pack_index, x[0])
@@ -131,13 +155,13 @@ class TokenLayout:
         return positions
 
     def record_merge(
-        self, fill: str, before: torch.Tensor, after: torch.Tensor, leaving: torch.Tensor, destination: torch.Tensor
+        self, fill: str, before: torch.Tensor, arrived: torch.Tensor, leaving: torch.Tensor, destination: torch.Tensor
     ) -> None:
         """restore_tokens: the tokens `leaving` (B, N) of `before` (B, N, C) went to their `destination`
-        (B, N) kept token; `after`: the tokens once merged (or `before` when dropping)."""
+        (B, N) kept token, whose value once merged (or as it was, when dropping) is `arrived` (B, N, C)."""
         if self.restore is None:
             self.restore = RestoreMap(before.shape[0], before.shape[1], fill, before.device)
-        self.restore.record(before, after, leaving, destination)
+        self.restore.record(before, arrived, leaving, destination)
 
     def restored(self, x: torch.Tensor) -> torch.Tensor:
         """Tokens x of the current layout (packed or padded) -> (B, N0, C) in the original order, each

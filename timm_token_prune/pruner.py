@@ -10,6 +10,8 @@ remaining tokens are (order, padding, packing, sizes, the restore map) is the `T
 from __future__ import annotations
 
 import dataclasses
+import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,7 +21,7 @@ from torch import nn
 from . import core
 from .config import REFERENCE_NUM_PATCHES, REFERENCE_THRESHOLDS, PruneConfig
 from .flops import FlopsModel, solve_keep_ratio
-from .layout import TokenLayout
+from .layout import Merge, TokenLayout
 
 _KEEP_ALL = -1.0  # every policy's statistic is >= 0, so this threshold keeps every token
 FAR_IN_TEMPERATURES = 20.0  # training: pruned tokens this far below their threshold leave the forward
@@ -50,6 +52,7 @@ class ForwardState:
         self.hidden_grids: dict[int, torch.Tensor] | None = None  # transformers: layer index -> restored grid
         self.stop_after = stop_after
         self.scored = True  # False: every threshold kept every token, nothing was scored (costs no score FLOPs)
+        self.training = False  # whether the pass ran in training mode (no eval-only answers then)
         self.empty = False  # a batch of 0 images: nothing to score or prune
 
 
@@ -89,6 +92,11 @@ class TokenPruner(nn.Module):
         # with a class token (token 0) scores are its attention row; without, the mean attention received
         self.class_token = class_token
         stages = len(flops.locations)
+        if config.min_keep > num_patches:
+            raise ValueError(
+                f"min_keep={config.min_keep} is more than the {num_patches} patch tokens this model has at its "
+                f"input size, so nothing could be pruned: pass a min_keep of at most {num_patches}"
+            )
         if config.threshold_init is not None:
             if len(config.threshold_init) != stages:
                 raise ValueError(
@@ -126,6 +134,10 @@ class TokenPruner(nn.Module):
         self.stop_after: int | None = None  # calibration: end forward passes at this stage's scores
         # calibration in one pass: (statistic, eligible) -> the stage's threshold, set as the forward reaches it
         self.calibrating: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor | float] | None = None
+        # eval: warn once, at the end of the first forward, when the thresholds were never set (`_check_budget`);
+        # False while `calibrate` runs, and once warned
+        self.warn_if_uncalibrated = True
+        self._initial_thresholds = tuple(init)  # other values since: trained (e.g. by a Trainer) or set by hand
 
     def set_counts(self, keep_ratios: tuple[float, ...] | None, static: bool) -> None:
         """Set the top-k fractions (None: unset) and whether every image keeps those fixed counts."""
@@ -174,6 +186,7 @@ class TokenPruner(nn.Module):
         """Start a forward pass. An empty batch (0 images) runs the zoo's own code, which returns empty outputs."""
         self._state = ForwardState(self.stop_after)
         self._state.empty = batch_size == 0
+        self._state.training = self.training
 
     @property
     def merging(self) -> bool:
@@ -250,6 +263,31 @@ class TokenPruner(nn.Module):
 
     def prune(self, x: torch.Tensor, stage: int) -> torch.Tensor:
         """Drop or merge (eval) or mask (train) the tokens of `x` that the last scoring attention rated low."""
+        x = self._prune(x, stage)
+        if not self._calibrated and self.warn_if_uncalibrated and stage == len(self.locations) - 1:
+            self._check_budget()
+        return x
+
+    def _check_budget(self) -> None:
+        """Eval, thresholds never set (by calibrate, from_pretrained or threshold_init): warn once, with the
+        FLOPs ratio this forward ran at. Only the uncalibrated path pays for the ratio's host sync."""
+        if self.training or self.state.empty or torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return
+        self.warn_if_uncalibrated = False
+        initial = torch.tensor(self._initial_thresholds, dtype=self.thresholds.dtype)
+        if not torch.equal(self.thresholds.detach().cpu(), initial):  # set since patching, if not by calibrate
+            return
+        macs, dense = self._macs()
+        ratio = torch.as_tensor(macs, dtype=torch.float64).mean().item() / dense
+        warnings.warn(
+            "the pruning thresholds were never set (by calibrate, from_pretrained or threshold_init), so this "
+            f"model runs at a FLOPs ratio of {ratio:.3f}, not its budget of {self.config.budget}: call "
+            "calibrate(model, batches) on a few batches of your images first",
+            UserWarning,
+            stacklevel=_caller_level(),
+        )
+
+    def _prune(self, x: torch.Tensor, stage: int) -> torch.Tensor:
         state = self.state
         if not self.scoring() or state.empty:  # every threshold keeps every token: nothing has moved
             if state.num_tokens is None:
@@ -263,7 +301,10 @@ class TokenPruner(nn.Module):
             raise RuntimeError("prune() called without scores: the scoring attention did not run")
         eligible = state.layout.valid if not self.training else _hard(state.soft_mask)
         x = self.unpack(x)  # (B, N, C): eval batches may arrive packed
-        wanted = self.merging or self.config.novelty or self.restoring
+        # every pair's similarity: for novelty, and for merging / restoring by the full path (training, or
+        # restoring dropped tokens); eval merging needs only the leaving tokens' rows (`_merger`)
+        fused = self._fused_merge()
+        wanted = self.config.novelty or (not fused and (self.merging or self.restoring))
         similarity = core.token_similarity(x) if wanted else None
         if self.config.novelty:
             scores = scores * core.novelty(scores.detach(), similarity, eligible, self.num_prefix_tokens)
@@ -284,9 +325,42 @@ class TokenPruner(nn.Module):
         else:
             state.counts.append(keep.sum(dim=1))
             remain = keep
+        if fused:
+            return self.state.layout.gather(x, remain, self._merger(x, keep, eligible, similarity))[0]
         if self.merging or self.restoring:
             x = self._merge(x, keep, eligible, similarity)
         return x if remain is None else self._gather(x, remain)
+
+    def _fused_merge(self) -> bool:
+        """Whether pruned tokens merge as the layout gathers (eval, merging; see `_merger`)."""
+        return self.merging and not self.training
+
+    def _merger(self, x: torch.Tensor, keep: torch.Tensor, eligible: torch.Tensor | None, similarity) -> Merge:
+        """Eval merging fused with the gather (`TokenLayout.gather`): the kept tokens are gathered and only
+        the tokens past each batch's smallest count (every leaving one is among them) are matched and folded
+        in, so the cost grows with the tokens that leave, not with all of them. The same result as
+        `_merge` then the gather, up to rounding."""
+        layout, prefix = self.state.layout, self.num_prefix_tokens
+
+        def merge(order: torch.Tensor, kept: int, fewest: int) -> tuple[torch.Tensor, torch.Tensor]:
+            front, tail = order[:, :kept], order[:, fewest:]
+            rows = core.token_similarity(x, tail) if similarity is None else core.take_rows(similarity, tail)
+            destination = core.nearest_kept(rows, keep, prefix)  # (B, R): indices before the gather
+            slot = torch.zeros_like(order).scatter_(1, front, torch.arange(kept, device=x.device).expand_as(front))
+            sizes = layout.sizes if layout.sizes is not None else x.new_ones(keep.shape, dtype=torch.float32)
+            leaving = ~keep if eligible is None else eligible & ~keep
+            weights = (sizes * leaving).gather(1, tail)
+            merged, new_sizes = core.merge_gathered(
+                core.take_rows(x, front), sizes.gather(1, front), core.take_rows(x, tail), weights,
+                slot.gather(1, destination),
+            )
+            if self.restoring:  # every token's destination (itself unless it leaves), before the gather
+                everywhere = torch.arange(order.shape[1], device=x.device).expand_as(order).scatter(1, tail, destination)
+                arrived = core.take_rows(merged, slot.gather(1, everywhere))
+                layout.record_merge(self.config.restore_fill, x, arrived, leaving, everywhere)
+            return merged, new_sizes
+
+        return merge
 
     def _remaining_in_training(
         self, statistic: torch.Tensor, stage: int, keep: torch.Tensor, eligible: torch.Tensor | None
@@ -339,7 +413,7 @@ class TokenPruner(nn.Module):
                 x, keep, dropped, sizes, self.num_prefix_tokens, destination=destination
             )
         if self.restoring:
-            layout.record_merge(self.config.restore_fill, before, x, dropped, destination)
+            layout.record_merge(self.config.restore_fill, before, core.take_rows(x, destination), dropped, destination)
         return x
 
     def _gather_topk(self, x: torch.Tensor, scores: torch.Tensor, stage: int, similarity) -> torch.Tensor:
@@ -347,9 +421,18 @@ class TokenPruner(nn.Module):
         so no host sync, no padding, and nothing data-dependent for torch.compile or ONNX export."""
         state, prefix = self.state, self.num_prefix_tokens
         k = self.topk_counts(state.num_tokens - prefix)[stage]
+        state.counts.append(torch.full_like(scores[:, 0], prefix + k, dtype=torch.long))
+        if self._fused_merge():
+            ranked = scores[:, prefix:].argsort(dim=1, descending=True) + prefix
+            first = torch.arange(prefix, device=x.device).expand(ranked.shape[0], -1)
+            order = torch.cat([first, ranked[:, :k].sort(dim=1).values, ranked[:, k:]], dim=1)
+            front = order[:, : prefix + k]
+            keep = torch.zeros_like(scores, dtype=torch.bool).scatter(1, front, torch.ones_like(front, dtype=torch.bool))
+            x, sizes = self._merger(x, keep, None, similarity)(order, prefix + k, prefix + k)
+            state.layout.move(front, scores.shape[1], sizes)
+            return x
         best = scores[:, prefix:].topk(k, dim=1).indices.sort(dim=1).values + prefix
         order = torch.cat([torch.arange(prefix, device=x.device).expand(best.shape[0], -1), best], dim=1)
-        state.counts.append(torch.full_like(best[:, 0], prefix + k))
         if self.merging or self.restoring:
             keep = torch.zeros_like(scores, dtype=torch.bool).scatter(1, order, torch.ones_like(order, dtype=torch.bool))
             x = self._merge(x, keep, None, similarity)
@@ -419,7 +502,7 @@ class TokenPruner(nn.Module):
     def kept_positions(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """Eval: for each stage of the last forward, the original token positions (B, N_s) that entered
         it and their validity mask (None: all valid)."""
-        state = self.state
+        state = self._eval_state("kept_positions")
         if state.num_tokens is None or len(state.layout.kept) != len(self.locations):
             raise RuntimeError("kept_positions needs a full forward pass in eval mode first")
         return state.layout.kept_positions(state.num_tokens, state.counts[0].shape[0], state.counts[0].device)
@@ -438,7 +521,22 @@ class TokenPruner(nn.Module):
         """restore_tokens, after an eval forward: the original position (B, N0) each position's fill comes
         from ('nearest' / 'offset': the kept token it was restored from; itself when kept or with 'dropped');
         None when nothing was pruned."""
-        return self.state.layout.restored_sources(self.config.restore_fill)
+        if not self.config.restore_tokens:
+            raise RuntimeError(
+                "restored_sources needs a model patched with restore_tokens=True: this one keeps no record of "
+                "where pruned tokens went (patch it with restore_tokens=True)"
+            )
+        return self._eval_state("restored_sources").layout.restored_sources(self.config.restore_fill)
+
+    def _eval_state(self, caller: str) -> ForwardState:
+        """The last forward's state, which must have run in eval mode (`caller` names the asking method)."""
+        state = self.state
+        if state.training:
+            raise RuntimeError(
+                f"{caller} is eval only: the last forward ran in training mode, which keeps pruned tokens off "
+                "the grid; call model.eval() and run the images again"
+            )
+        return state
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """See `TokenLayout.pack`."""
@@ -487,6 +585,17 @@ class TokenPruner(nn.Module):
             dense_gflops=dense / 1e9,
             flops_ratio=per_image.mean().item() / dense,
         )
+
+
+_LIBRARIES = ("timm_token_prune", "torch", "timm", "transformers")
+
+
+def _caller_level() -> int:
+    """The stacklevel of the first frame outside this library and the zoos (the user's `model(x)`)."""
+    frame, level = sys._getframe(2), 2
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] in _LIBRARIES:
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _hard(mask: torch.Tensor | None) -> torch.Tensor | None:

@@ -17,13 +17,7 @@ from __future__ import annotations
 
 import torch
 
-
-def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x (B, N, C) at `index` (B, M): (B, M, C). Whole rows by index_select (on CPU several times faster
-    than gather with an index expanded over C)."""
-    batch, tokens, channels = x.shape
-    flat = (index + torch.arange(batch, device=index.device)[:, None] * tokens).flatten()
-    return x.reshape(batch * tokens, channels).index_select(0, flat).view(batch, index.shape[1], channels)
+from .core import take_rows as _rows
 
 
 class RestoreMap:
@@ -35,18 +29,19 @@ class RestoreMap:
         self.pruned = torch.zeros(batch, tokens, dtype=torch.bool, device=device)  # left at some point
         self.values: torch.Tensor | None = None  # (B, N0, C): 'dropped' representations or 'offset' sums
 
-    def record(self, before: torch.Tensor, after: torch.Tensor, leaving: torch.Tensor, destination: torch.Tensor) -> None:
-        """One pruning point: tokens `before` (B, N, C), the same after merging `after` (or `before` when
-        dropping), bool `leaving` (B, N) the tokens that leave, `destination` (B, N) their kept token."""
+    def record(self, before: torch.Tensor, arrived: torch.Tensor, leaving: torch.Tensor, destination: torch.Tensor) -> None:
+        """One pruning point: tokens `before` (B, N, C), bool `leaving` (B, N) the tokens that leave,
+        `destination` (B, N) their kept token, `arrived` (B, N, C) the value of each token's destination
+        once merged (or before, when dropping); only the leaving rows of `arrived` are read."""
         moves = leaving.gather(1, self.anchor)  # (B, N0): p's anchor leaves now
         if self.fill == "dropped":
             current = _rows(before, self.anchor)
             self.values = current if self.values is None else torch.where((moves & ~self.pruned)[..., None], current, self.values)
         if self.fill == "offset":  # the step per current token (0 for those staying), then per position
-            step = _rows((before - _rows(after, destination)).mul_(leaving[..., None]), self.anchor)
+            step = _rows((before - arrived).mul_(leaving[..., None]), self.anchor)
             self.values = step if self.values is None else self.values.add_(step)
         self.anchor = torch.where(moves, destination.gather(1, self.anchor), self.anchor)
-        self.pruned |= moves
+        self.pruned = self.pruned | moves  # not in place: ONNX has no in-place or (export_onnx)
 
     def moved(self, order: torch.Tensor, tokens: int) -> None:
         """The layout of `tokens` tokens was gathered: new token m is old token order[:, m] (a prefix of a

@@ -50,8 +50,11 @@ def visualize(model: nn.Module, image, *, mean: Sequence[float] | None = None, s
     if not isinstance(image, torch.Tensor):
         raise TypeError(f"visualize takes a PIL image or an image tensor (C, H, W), got {type(image).__name__}")
     x = image[None] if image.ndim == 3 else image
-    if x.ndim != 4 or x.shape[0] != 1:
-        raise ValueError(f"visualize takes one image (C, H, W), got {tuple(image.shape)}")
+    channels = adapter.input_size(model)[0]
+    if x.ndim != 4 or x.shape[0] != 1 or x.shape[1] != channels:
+        raise ValueError(
+            f"visualize takes one image of shape ({channels}, H, W) or (1, {channels}, H, W), got {tuple(image.shape)}"
+        )
     adapter.check_images(model, x)
     default_mean, default_std = adapter.normalization(model)
     mean = default_mean if mean is None else mean
@@ -73,13 +76,11 @@ def visualize(model: nn.Module, image, *, mean: Sequence[float] | None = None, s
     grey = rgb.mean(0, keepdim=True).expand(3, -1, -1) * 0.25 + 0.55
     panels = [("input", rgb, None, None)]
     ph, pw = height // grid_h, width // grid_w
-    kept_positions = pruner.kept_positions()
-    for stage in shown_stages(len(kept_positions)):
-        positions, valid = kept_positions[stage]
-        kept = positions[0] if valid is None else positions[0][valid[0]]
-        kept_patches = kept[kept >= prefix] - prefix
+    kept_by_stage = _kept_patches(pruner)
+    for stage in shown_stages(len(kept_by_stage)):
+        kept_patches = kept_by_stage[stage]
         mask = torch.zeros(patches, dtype=torch.bool)
-        mask[kept_patches.cpu()] = True
+        mask[kept_patches] = True
         cells = mask.view(grid_h, grid_w)
         mask = cells.repeat_interleave(ph, 0).repeat_interleave(pw, 1)
         mask = torch.nn.functional.pad(mask, (0, width - mask.shape[1], 0, height - mask.shape[0]))
@@ -106,6 +107,23 @@ def visualize(model: nn.Module, image, *, mean: Sequence[float] | None = None, s
             draw.line([(centre[0][0], centre[1][0]), (centre[0][1], centre[1][1])], fill=(230, 80, 20), width=1)
             draw.ellipse([centre[0][0] - 1, centre[1][0] - 1, centre[0][0] + 1, centre[1][0] + 1], fill=(230, 80, 20))
     return canvas
+
+
+def kept_patch_counts(model: nn.Module) -> list[tuple[int, int, int]]:
+    """(block, patches kept before it, patches) per pruning stage of the first image of the last eval
+    forward: the counts in `visualize`'s captions (patches only; class and other prefix tokens not counted)."""
+    _, pruner = patched_adapter(model, "count the kept patches of")
+    patches = pruner.state.num_tokens - pruner.num_prefix_tokens
+    return [(location, len(kept), patches) for location, kept in zip(pruner.locations, _kept_patches(pruner))]
+
+
+def _kept_patches(pruner) -> list[torch.Tensor]:
+    """Per stage: the patch indices (prefix tokens left out) that entered it, for the first image."""
+    prefix, out = pruner.num_prefix_tokens, []
+    for positions, valid in pruner.kept_positions():
+        kept = positions[0] if valid is None else positions[0][valid[0]]
+        out.append((kept[kept >= prefix] - prefix).cpu())
+    return out
 
 
 def shown_stages(stages: int, most: int = 4) -> list[int]:

@@ -8,6 +8,7 @@ Those paths ask the adapter; none of them guesses from the model's attributes.
 
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import ClassVar
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 from ..config import PruneConfig
-from ..errors import NotPatchedError
+from ..errors import NotPatchedError, UnsupportedModelError
 from ..pruner import TokenPruner
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -41,7 +42,7 @@ class Adapter(ABC):
         """The model classes this adapter patches (empty when its zoo is not installed)."""
 
     def matches(self, model: nn.Module) -> bool:
-        classes = self.model_classes()
+        classes = _model_classes(self)
         return bool(classes) and isinstance(model, classes)
 
     @abstractmethod
@@ -104,19 +105,59 @@ def register_adapter(adapter: Adapter) -> Adapter:
         if not isinstance(getattr(adapter, attribute, None), str) or not getattr(adapter, attribute):
             raise TypeError(f"{type(adapter).__name__}.{attribute} must be a non-empty string")
     ADAPTERS[:] = [a for a in ADAPTERS if a.name != adapter.name] + [adapter]
+    _WARNED.discard(adapter.name)
     return adapter
 
 
 def find_adapter(model: nn.Module) -> Adapter | None:
     """The most specific adapter that matches `model`: the one whose class comes first in the model's
-    method resolution order (a subclass beats its base); among equals, the one registered last."""
+    method resolution order (a subclass beats its base); among equals, the one registered last. An adapter
+    that cannot answer (its `model_classes` or `matches` raises) is skipped, with a warning naming it."""
     mro = type(model).__mro__
+    candidates = []
+    for adapter in reversed(ADAPTERS):
+        try:
+            if adapter.matches(model):
+                classes = _model_classes(adapter)
+                candidates.append((min((mro.index(c) for c in classes if c in mro), default=len(mro)), adapter))
+        except Exception as error:  # a third-party adapter's bug must not break the other models
+            _skip(adapter, error)
+    return min(candidates, key=lambda candidate: candidate[0], default=(None, None))[1]
 
-    def distance(adapter: Adapter) -> int:
-        return min((mro.index(c) for c in adapter.model_classes() if c in mro), default=len(mro))
 
-    candidates = [a for a in reversed(ADAPTERS) if a.matches(model)]
-    return min(candidates, key=distance, default=None)
+def adapter_problems() -> list[str]:
+    """One line per registered adapter that cannot say which models it patches (for error messages)."""
+    problems = []
+    for adapter in ADAPTERS:
+        try:
+            _model_classes(adapter)
+        except Exception as error:
+            problems.append(_problem(adapter, error))
+    return problems
+
+
+_WARNED: set[str] = set()  # adapters already reported as skipped
+
+
+def _model_classes(adapter: Adapter) -> tuple[type, ...]:
+    """`adapter.model_classes()`, checked: a tuple of classes."""
+    classes = adapter.model_classes()
+    if not isinstance(classes, tuple) or not all(isinstance(c, type) for c in classes):
+        raise TypeError(f"model_classes() returned {classes!r}, not a tuple of classes")
+    return classes
+
+
+def _problem(adapter: Adapter, error: Exception) -> str:
+    return (
+        f"the {adapter.name!r} adapter ({type(adapter).__name__}) was skipped: {type(error).__name__}: {error} "
+        "(fix it, or remove it from timm_token_prune.adapters.ADAPTERS)"
+    )
+
+
+def _skip(adapter: Adapter, error: Exception) -> None:
+    if adapter.name not in _WARNED:
+        _WARNED.add(adapter.name)
+        warnings.warn(_problem(adapter, error), stacklevel=3)
 
 
 def adapter_named(name: str) -> Adapter | None:
@@ -155,6 +196,11 @@ def patched_adapter(model: nn.Module, action: str = "use") -> tuple[Adapter, Tok
     """The adapter and pruner of a patched model; `NotPatchedError` (pointing at a wrapped model) otherwise."""
     pruner = _pruner(model)
     adapter = None if pruner is None else find_adapter(model)
+    problems = adapter_problems() if adapter is None and pruner is not None else []
+    if problems:  # patched, but its adapter now fails
+        raise UnsupportedModelError(
+            f"cannot {action} this {type(model).__name__}: no registered adapter answers for it; " + "; ".join(problems)
+        )
     if adapter is None:
         message = f"this {type(model).__name__} is not patched: call patch_model(model, budget) first"
         hint = wrapper_hint(model, action) if isinstance(model, nn.Module) else None
