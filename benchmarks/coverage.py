@@ -58,6 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # check this check
 import timm_token_prune as ttp
 from timm_token_prune.batches import logits_of
 from timm_token_prune.errors import UnsupportedModelError
+from timm_token_prune.files import atomic_file
 
 try:
     import transformers
@@ -689,15 +690,8 @@ def report(results: list[Result], families: list[str], command: str) -> str:
 
 
 def write_atomic(text: str, path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".tmp", delete=False, encoding="utf-8") as f:
-        try:
-            f.write(text)
-        except BaseException:
-            os.unlink(f.name)
-            raise
-    os.replace(f.name, path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ from torch import nn
 from .adapters import Adapter, find_adapter, patched_adapter, supported_models, wrapper_hint
 from .adapters.base import adapter_problems
 from .batches import split_batch
-from .config import PruneConfig
+from .config import PruneConfig, validated_locations
 from .errors import AlreadyPatchedError, NotPatchedError, UnsupportedModelError
 from .flops import schedule_ratio, solve_keep_ratio
 from .pruner import PruneStats, StopForward, TokenPruner
@@ -64,18 +64,17 @@ def patch_model(model: nn.Module, budget: float = 0.65, *, config: PruneConfig |
 
 
 def _checked_locations(adapter: Adapter, locations: Any) -> tuple[int, ...]:
-    """The locations an adapter's `check` returned: strictly increasing whole block indices >= 1."""
+    """The locations an adapter's `check` returned: strictly increasing whole block indices >= 1, checked
+    as `PruneConfig` checks the user's."""
     try:
-        values = tuple(locations)
-    except TypeError:
-        values = None
-    ok = bool(values) and all(isinstance(i, int) and not isinstance(i, bool) for i in values)
-    if not ok or list(values) != sorted(set(values)) or values[0] < 1:
+        if locations is None or isinstance(locations, str):
+            raise TypeError("not block indices")
+        return validated_locations(locations)
+    except (TypeError, ValueError) as error:
         raise TypeError(
             f"the {adapter.name!r} adapter's check() returned {locations!r}: it must return strictly increasing "
-            "block indices >= 1 (fix the adapter)"
-        )
-    return values
+            f"block indices >= 1 ({error}; fix the adapter)"
+        ) from None
 
 
 def _check_patched(adapter: Adapter, model: nn.Module, pruner: Any, locations: tuple[int, ...]) -> None:

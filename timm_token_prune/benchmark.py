@@ -214,13 +214,11 @@ def format_table(results: dict) -> str:
 
 
 def write_json(results: dict, path: str) -> None:
-    """Write `results` to `path` atomically (a temporary file, then a rename)."""
+    """Write `results` to `path` atomically (`files.atomic_file`)."""
     import json
-    import os
 
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=2)
-    os.replace(tmp, path)
+    from .files import atomic_file
+
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(results, indent=2))
     print(f"wrote {path}")

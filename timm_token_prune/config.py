@@ -137,7 +137,7 @@ class PruneConfig:
                 f"budget must be in (0, 1] (the fraction of dense FLOPs to keep), got {self.budget!r}; "
                 "use e.g. budget=0.65, or 1.0 to keep every token"
             )
-        self.prune_locations = _locations(self.prune_locations)
+        self.prune_locations = validated_locations(self.prune_locations)
         for name, allowed in (("score", SCORES), ("pruned_tokens", PRUNED_TOKENS), ("keep_policy", KEEP_POLICIES),
                               ("restore_fill", RESTORE_FILLS)):
             if getattr(self, name) not in allowed:
@@ -211,7 +211,7 @@ def _whole(value: Any) -> int | None:
         return None
 
 
-def _locations(locations: Any) -> tuple[int, ...] | str:
+def validated_locations(locations: Any) -> tuple[int, ...] | str:
     """A schedule name, or strictly increasing whole block indices >= 1 (None: the default schedule)."""
     if locations is None:
         return DEFAULT_LOCATIONS
