@@ -221,6 +221,24 @@ def test_one_calibration_serves_other_image_sizes(policy):
         assert abs(stats.flops_ratio - 0.6) <= 0.05, (size, stats.flops_ratio)
 
 
+@pytest.mark.parametrize("policy", ["mass", "topk"])
+def test_calibrating_on_batches_of_different_image_sizes_meets_the_budget_at_each(policy):
+    """The ratio calibrate aims at is each image's to its own dense cost (not the mean MACs of a mixed set
+    over the last batch's dense cost, which took a mixed 32 + 64 px set to 0.3 at budget 0.6)."""
+    model = ttp.patch_model(
+        make_model("vit", dynamic_img_size=True), budget=0.6, prune_locations=LOCATIONS, keep_policy=policy
+    )
+    stats = ttp.calibrate(model, [images(16, seed=10, size=64), images(16, seed=11)])
+    assert abs(stats.flops_ratio - 0.6) <= 0.02
+    dense = [ttp.last_stats(model).dense_gflops]
+    for size in (64, 32):
+        with torch.no_grad():
+            model(images(16, seed=12, size=size))
+        dense.append(ttp.last_stats(model).dense_gflops)
+        assert abs(ttp.last_stats(model).flops_ratio - 0.6) <= 0.05, (size, ttp.last_stats(model).flops_ratio)
+    assert dense[2] < stats.dense_gflops < dense[1]  # the mean dense cost of the calibration images
+
+
 # ---- no silent budget ----------------------------------------------------------------------------
 def _uncalibrated_warnings(model: torch.nn.Module, x: torch.Tensor) -> list[str]:
     with warnings.catch_warnings(record=True) as caught:

@@ -271,21 +271,23 @@ def _run_until(model: nn.Module, pruner: TokenPruner, x: torch.Tensor, stage: in
 
 
 def measure(model: nn.Module, pruner: TokenPruner, images: list[torch.Tensor]) -> PruneStats:
-    """Statistics over all `images` batches (eval forward passes)."""
-    per_image, counts = [], []
+    """Statistics over all `images` batches (eval forward passes). Batches may differ in image size: the
+    FLOPs ratio is the mean of each image's ratio to its own dense cost."""
+    per_image, dense, counts = [], [], []
     for x in images:
         model(x)
         stats = pruner.stats()
         per_image += stats.gflops_per_image
+        dense += [stats.dense_gflops] * len(stats.gflops_per_image)
         counts.append([c.detach().double() for c in pruner.state.counts])
     merged = [torch.cat([c[s] for c in counts]) for s in range(len(pruner.locations))]
-    gflops = sum(per_image) / len(per_image)
     return dataclasses.replace(
         stats,
         kept_mean=[c.mean().item() for c in merged],
         kept_min=[c.min().item() for c in merged],
         kept_max=[c.max().item() for c in merged],
-        gflops=gflops,
+        gflops=sum(per_image) / len(per_image),
         gflops_per_image=per_image,
-        flops_ratio=gflops / stats.dense_gflops,
+        dense_gflops=sum(dense) / len(dense),
+        flops_ratio=sum(g / d for g, d in zip(per_image, dense)) / len(per_image),
     )
