@@ -22,9 +22,11 @@ Every patched model then goes through, each reported in its own column (ok / fai
                    model: the mean square of its output) + budget_loss, backward: the loss is finite and
                    the thresholds get a finite gradient, nonzero at one stage at least (the calibrated
                    thresholds as they are: with the straight-through mask only tokens within a few
-                   temperatures of a threshold carry gradient, and a zero gradient is reported as such)
-    freeze + ONNX  one model per family (ONNX_MODELS): freeze, export_onnx with a 1-image example, and
-                   onnxruntime at batch 2 matches the frozen model (atol = rtol = 1e-3)
+                   temperatures of a threshold carry gradient, and a zero gradient is reported as such);
+                   left blank for models patched with restore_tokens (PATCH_OPTIONS: LLaVA), eval-only
+    freeze + ONNX  the models in ONNX_MODELS: freeze, export_onnx with a 1-image example, and
+                   onnxruntime at batch 2 matches the frozen model (atol = rtol = 1e-3); image-text models
+                   export their image features. Blank for the others (SigLIP 2 NaFlex does not export yet)
 
 The Markdown report goes to stdout (and to --output, written atomically), one progress line per model
 to stderr. Exit status 1 if any model or check failed.
@@ -56,6 +58,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # check this checkout, not another installed copy
 import timm_token_prune as ttp
+from timm_token_prune.adapters import patched_adapter
 from timm_token_prune.batches import logits_of
 from timm_token_prune.errors import UnsupportedModelError
 from timm_token_prune.files import atomic_file
@@ -76,7 +79,8 @@ ONNX_MODELS = {
     "vit_tiny_patch16_224", "deit_tiny_distilled_patch16_224", "eva02_tiny_patch14_224", "beit_base_patch16_224",
     "ViTForImageClassification", "DeiTForImageClassificationWithTeacher", "Dinov2ForImageClassification",
     "Dinov2WithRegistersForImageClassification", "ViTMSNForImageClassification", "CLIPVisionModelWithProjection",
-    "CLIPForImageClassification", "SiglipVisionModel", "SiglipForImageClassification",
+    "CLIPForImageClassification", "SiglipVisionModel", "SiglipForImageClassification", "BeitForImageClassification",
+    "Data2VecVisionForImageClassification", "CLIPModel", "SiglipModel",
 }
 # blocks, patches per side (8 x 8: with 4 blocks, fewer leave no room to reach the budget once register
 # tokens are kept), classes, images
@@ -109,8 +113,14 @@ HF_CLASSES = {
     "Data2VecVisionForImageClassification": "data2vec",
     "ViTMAEModel": "vit_mae",
     "CLIPModel": "clip",
-    "Siglip2VisionModel": "siglip2_vision",  # only if this transformers has it
+    "SiglipModel": "siglip",
+    "Siglip2VisionModel": "siglip2_vision",  # the Siglip2 classes only if this transformers has them
+    "Siglip2ForImageClassification": "siglip2",
+    "Siglip2Model": "siglip2",
+    "LlavaForConditionalGeneration": "llava",
 }
+# classes patched with more than the defaults: a vision-language model's projector reads the full grid
+PATCH_OPTIONS = {"LlavaForConditionalGeneration": {"restore_tokens": True}}
 HF_PATCH, HF_VOCAB, HF_TEXT_LEN = 8, 100, 8
 HF_SIZE = GRID * HF_PATCH
 _HF_WIDTH = {"hidden_size": 64, "num_hidden_layers": DEPTH, "num_attention_heads": 4}
@@ -205,7 +215,7 @@ def classify(built: Built) -> tuple[str, str]:
     """(result, detail) for one built model; the model is patched in place."""
     model, step = built.model.eval(), Step()
     try:
-        ttp.patch_model(model, 1.0)
+        ttp.patch_model(model, 1.0, **PATCH_OPTIONS.get(type(model).__name__, {}))
     except UnsupportedModelError as error:
         return "unsupported", unsupported_reason(error)
     except Exception as error:  # noqa: BLE001 - everything else is a failure to report
@@ -227,7 +237,7 @@ def check_patched(built: Built, step: Step) -> str:
     ttp.unpatch_model(model)
     compare(forward(model, built.inputs), built.reference, "after unpatch_model")
     step.name = f"patch_model(model, {BUDGET})"
-    ttp.patch_model(model, BUDGET)
+    ttp.patch_model(model, BUDGET, **PATCH_OPTIONS.get(type(model).__name__, {}))
     step.name = "calibrate"
     ttp.calibrate(model, [built.calib], BUDGET)
     step.name = f"forward at budget {BUDGET}"
@@ -273,6 +283,8 @@ def describe(error: BaseException, limit: int = 240) -> str:
 def run_checks(built: Built, onnx: bool) -> dict[str, tuple[str, str]]:
     """The CHECKS of a model patched at BUDGET and calibrated: key -> ("ok" / "failed", detail)."""
     checks = {"save": check_round_trip, "train": check_train_step}
+    if ttp.get_pruner(built.model).config.restore_tokens:  # restoring is eval-only: such a model trains dense
+        checks.pop("train")
     if onnx:
         checks["onnx"] = check_onnx
     results = {}
@@ -293,8 +305,14 @@ def images_of(built: Built, batch: int) -> torch.Tensor:
 
 
 def call(built: Built, images: torch.Tensor) -> Any:
-    """The model on `images`, passed as its image input (timm's x, transformers' pixel_values)."""
-    return built.model(**{next(iter(built.inputs)): images})
+    """The model on `images`, passed as its image input (timm's x, transformers' pixel_values), with the text
+    input of an image-text model as it is (contrastive logits need no matching batch)."""
+    text = {k: v for k, v in built.inputs.items() if k == "input_ids"}
+    if "spatial_shapes" in built.inputs:  # NaFlex: full square grids
+        side = round(images.shape[1] ** 0.5)
+        text["pixel_attention_mask"] = torch.ones(images.shape[:2], dtype=torch.long)
+        text["spatial_shapes"] = torch.tensor([[side, side]] * len(images))
+    return built.model(**{next(iter(built.inputs)): images}, **text)
 
 
 def check_round_trip(built: Built) -> str:
@@ -361,8 +379,8 @@ def check_onnx(built: Built) -> str:
             session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
             name = session.get_outputs()[0].name
             (got,) = session.run(None, {"pixel_values": images.numpy()})
-        with torch.no_grad():
-            output = call(built, images)
+        with torch.no_grad():  # the image path the export traced (an image-text model: get_image_features)
+            output = patched_adapter(model, "export")[0].forward_images(model, images)
         want = logits_of(output) if name == "logits" else exported_features(output)
         got = torch.from_numpy(got)
         diff = (got - want).abs().max().item()
@@ -517,6 +535,17 @@ def hf_config(kind: str):
             projection_dim=32,
             num_labels=CLASSES,
         )
+    if kind == "siglip2":
+        return t.Siglip2Config(
+            text_config=t.Siglip2TextConfig(**_HF_TEXT), vision_config=hf_config("siglip2_vision"), num_labels=CLASSES
+        )
+    if kind == "llava":  # a tiny CLIP tower and a tiny Llama; one image token per patch (no class token)
+        vision = {k: v for k, v in _HF_VISION.items()}
+        text = t.LlamaConfig(**dict(_HF_TEXT, vocab_size=HF_VOCAB + 1, max_position_embeddings=128), num_key_value_heads=2)
+        return t.LlavaConfig(
+            vision_config=t.CLIPVisionConfig(**vision), text_config=text, image_token_index=HF_VOCAB,
+            image_seq_length=GRID * GRID,
+        )
     if kind == "siglip":
         return t.SiglipConfig(
             text_config=t.SiglipTextConfig(**_HF_TEXT), vision_config=hf_config("siglip_vision"), num_labels=CLASSES
@@ -532,14 +561,20 @@ def hf_inputs(name: str) -> tuple[dict[str, torch.Tensor], Any]:
         side = HF_SIZE // HF_PATCH
         patches = images.reshape(BATCH, 3, side, HF_PATCH, side, HF_PATCH).permute(0, 2, 4, 3, 5, 1)
         pixels = patches.reshape(BATCH, side * side, HF_PATCH * HF_PATCH * 3)
-        inputs = {
-            "pixel_values": pixels,
-            "pixel_attention_mask": torch.ones(BATCH, side * side, dtype=torch.long),
-            "spatial_shapes": torch.tensor([[side, side]] * BATCH),
-        }
-        return inputs, {"pixel_values": pixels}
+        # the last image is smaller (side x (side - 3) patches), so the batch is padded as NaFlex pads it
+        shapes = torch.tensor([[side, side]] * (BATCH - 1) + [[side, side - 3]])
+        mask = (torch.arange(side * side) < shapes.prod(1)[:, None]).long()
+        inputs = {"pixel_values": pixels * mask[..., None], "pixel_attention_mask": mask, "spatial_shapes": shapes}
+        calib = dict(inputs)
+        if name == "Siglip2Model":  # both towers run
+            inputs["input_ids"] = torch.randint(0, HF_VOCAB, (BATCH, HF_TEXT_LEN), generator=generator)
+        return inputs, calib
     inputs = {"pixel_values": images}
-    if name == "CLIPModel":  # both towers run
+    if name == "LlavaForConditionalGeneration":  # <bos>, one image token per patch, some text
+        text = torch.randint(3, HF_VOCAB, (BATCH, 5), generator=generator)
+        image = torch.full((BATCH, GRID * GRID), HF_VOCAB)
+        inputs["input_ids"] = torch.cat([torch.full((BATCH, 1), 2), image, text], 1)
+    if name in ("CLIPModel", "SiglipModel"):  # both towers run
         inputs["input_ids"] = torch.randint(0, HF_VOCAB, (BATCH, HF_TEXT_LEN), generator=generator)
     return inputs, {"pixel_values": images}
 
@@ -553,12 +588,29 @@ def build_hf(name: str) -> Built:
     config = hf_config(HF_CLASSES[name])
     torch.manual_seed(0)
     model = cls(config).eval()
+    draw_zero_tokens(model)
     inputs, calib = hf_inputs(name)
     return Built(model, inputs, calib, forward(model, inputs), type(config).__name__)
 
 
+_LEARNED_TOKENS = ("cls_token", "distillation_token", "position_embeddings")
+
+
+@torch.no_grad()
+def draw_zero_tokens(model: nn.Module) -> None:
+    """Random draws for learned tokens that transformers initialises to zeros (ViT-MSN's and DeiT's class,
+    distillation and position embeddings), as every trained checkpoint has. With zeros, the class token's
+    query is the same for every image and its attention over the patches at the first block is uniform: the
+    first pruning point's scores tie, and eager PyTorch and onnxruntime break the ties by rounding, keeping
+    different tokens (a degenerate random model, not an export error)."""
+    generator = torch.Generator().manual_seed(0)
+    for name, parameter in model.named_parameters():
+        if name.rsplit(".", 1)[-1] in _LEARNED_TOKENS and not parameter.any():
+            parameter.copy_(0.02 * torch.randn(parameter.shape, generator=generator))
+
+
 def hf_names() -> list[str]:
-    return [n for n in HF_CLASSES if n != "Siglip2VisionModel" or hasattr(transformers, n) or transformers is None]
+    return [n for n in HF_CLASSES if not n.startswith("Siglip2") or hasattr(transformers, n) or transformers is None]
 
 
 # --------------------------------------------------------------------------- running

@@ -58,7 +58,7 @@ def test_transformers_classifiers_are_recognised(case, classifier):
 
 
 def test_every_registered_adapter_implements_the_contract():
-    assert [a.name for a in adapters.ADAPTERS] == ["timm", "timm-eva", "timm-beit", "transformers"]
+    assert [a.name for a in adapters.ADAPTERS] == ["timm", "timm-eva", "timm-beit", "transformers", "transformers-tower"]
     for adapter in adapters.ADAPTERS:
         assert isinstance(adapter, Adapter) and adapter.zoo in ("timm", "transformers") and adapter.supported
 

@@ -335,21 +335,35 @@ def test_families_restore_the_grid_with_logits_unchanged(case):
 
 
 # ---- transformers ----------------------------------------------------------------------------------------
-def _hf_pair(case: str, budget: float = 0.5):
+def _hf_pair(case: str, budget: float = 0.5, **options):
     """A transformers model patched with restore_tokens, the same without, and the dense model."""
     from test_hf import make_hf
 
     dense = make_hf(case)
-    model = ttp.patch_model(copy.deepcopy(dense), budget=budget, prune_locations=LOCATIONS, restore_tokens=True)
+    model = ttp.patch_model(copy.deepcopy(dense), budget, prune_locations=LOCATIONS, restore_tokens=True, **options)
     if budget < 1.0:
         ttp.calibrate(model, [images(16, seed=s) for s in (10, 11)])
-    plain = ttp.patch_model(copy.deepcopy(dense), budget=budget, prune_locations=LOCATIONS)
+    plain = ttp.patch_model(copy.deepcopy(dense), budget, prune_locations=LOCATIONS, **options)
     plain.load_state_dict(model.state_dict())
     return model, plain, dense
 
 
 HF = ("vit_model_pooler", "deit_with_teacher", "dinov2_registers", "clip_classifier", "siglip_vision_map_head",
       "siglip_classifier")
+
+
+@pytest.mark.parametrize("pruned_tokens", ["merge", "drop"])
+@pytest.mark.parametrize("case", ["dinov2_classifier", "clip_classifier", "siglip_vision_map_head", "siglip_classifier"])
+def test_hf_pooling_heads_read_the_kept_tokens_with_topk(case, pruned_tokens):
+    """Top-k keeps the same count in every image (no padding): mean and attention-pooling heads must still
+    pool the kept tokens, not the restored grid."""
+    from test_hf import main_output
+
+    model, plain, _ = _hf_pair(case, keep_policy="topk", pruned_tokens=pruned_tokens)
+    x = images(4, seed=5)
+    with torch.no_grad():
+        expected = main_output(plain(x))
+        assert torch.equal(main_output(model(x)), expected)
 
 
 @pytest.mark.parametrize("case", HF)
@@ -414,7 +428,7 @@ def test_hf_hidden_states_errors_say_what_to_do():
     with pytest.raises(NotImplementedError, match="restore_tokens=True"):
         plain(images(2), output_hidden_states=True)
     with pytest.raises(NotImplementedError, match="output_hidden_states=True"):
-        model(images(2), output_hidden_states=[1, 2])
+        model(images(2), output_hidden_states="all")
     with pytest.raises(NotImplementedError, match="return_dict=True"):  # a tuple would hold unrestored layers
         model(images(2), output_hidden_states=True, return_dict=False)
     with pytest.raises(NotImplementedError, match="eval"):

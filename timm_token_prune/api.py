@@ -12,7 +12,7 @@ from torch import nn
 
 from .adapters import Adapter, find_adapter, patched_adapter, supported_models, wrapper_hint
 from .adapters.base import adapter_problems
-from .batches import split_batch
+from .batches import cat_inputs, images_in, map_inputs, model_inputs, run_model
 from .config import PruneConfig, validated_locations
 from .errors import AlreadyPatchedError, NotPatchedError, UnsupportedModelError
 from .flops import schedule_ratio, solve_keep_ratio
@@ -159,7 +159,7 @@ def calibrate(
     pruner.warn_if_uncalibrated = False  # its own forward passes run before the thresholds are set
     model.eval()
     try:
-        model(images[0][:1])
+        forward_images(model, map_inputs(images[0], lambda t: t[:1]))
         tokens = pruner.state.num_tokens
         prefix, patches = pruner.num_prefix_tokens, tokens - pruner.num_prefix_tokens
         stages = len(pruner.locations)
@@ -199,10 +199,19 @@ def calibrate(
     return stats
 
 
-def sample_images(pruner: TokenPruner, batches: Iterable[Any], caller: str) -> list[torch.Tensor]:
-    """The image tensors of `batches`, on the model's device."""
+def forward_images(model: nn.Module, images: torch.Tensor) -> Any:
+    """`model(images)`, or what its adapter runs for images alone (the vision tower of an image-text model or
+    of a vision-language model)."""
+    adapter = find_adapter(model)
+    return run_model(model, images) if adapter is None else adapter.forward_images(model, images)
+
+
+def sample_images(pruner: TokenPruner, batches: Iterable[Any], caller: str) -> list[torch.Tensor | dict[str, Any]]:
+    """The model inputs of `batches`, on the model's device: image tensors, or dicts of keyword inputs for
+    batches that hold more than 'pixel_values' (NaFlex's mask and grid shapes: `batches.model_inputs`)."""
     device = pruner.thresholds.device
-    images = [x.to(device) for x in (split_batch(b)[0] for b in batches) if len(x)]
+    inputs = (model_inputs(b) for b in batches)
+    images = [map_inputs(x, lambda t: t.to(device)) for x in inputs if len(images_in(x))]
     if not images:
         raise ValueError(f"{caller} needs at least one image: the batches were empty")
     return images
@@ -227,13 +236,13 @@ def _fit_thresholds(model: nn.Module, pruner: TokenPruner, images: list[torch.Te
         return _midpoint_quantile((s[eligible[:, prefix:]] if eligible is not None else s.flatten()).float(), 1.0 - rho)
 
     width = pruner.flops.attn_per_pair // 2
-    same_shape = len({tuple(x.shape[1:]) for x in images}) == 1  # else each batch is checked as it runs
-    if same_shape and sum(len(x) for x in images) * pruner.state.num_tokens * width <= ONE_PASS_VALUES:
+    same_shape = len({tuple(images_in(x).shape[1:]) for x in images}) == 1  # else each batch is checked as it runs
+    if same_shape and sum(len(images_in(x)) for x in images) * pruner.state.num_tokens * width <= ONE_PASS_VALUES:
         # one batch of every image: per-image results do not depend on the batch, so the quantiles are those
         # of the stage-by-stage passes below, at the cost of one forward instead of one per stage
         pruner.calibrating = threshold
         try:
-            model(torch.cat(images))
+            forward_images(model, cat_inputs(images))
         finally:
             pruner.calibrating = None
         return
@@ -263,7 +272,7 @@ def _run_until(model: nn.Module, pruner: TokenPruner, x: torch.Tensor, stage: in
     """Run `model(x)` only up to the scoring block of `stage` (calibration passes)."""
     pruner.stop_after = stage
     try:
-        model(x)
+        forward_images(model, x)
     except StopForward:
         pass
     finally:
@@ -271,14 +280,14 @@ def _run_until(model: nn.Module, pruner: TokenPruner, x: torch.Tensor, stage: in
 
 
 def measure(model: nn.Module, pruner: TokenPruner, images: list[torch.Tensor]) -> PruneStats:
-    """Statistics over all `images` batches (eval forward passes). Batches may differ in image size: the
-    FLOPs ratio is the mean of each image's ratio to its own dense cost."""
+    """Statistics over all `images` batches (eval forward passes). Batches (and the images of a padded batch)
+    may differ in image size: the FLOPs ratio is the mean of each image's ratio to its own dense cost."""
     per_image, dense, counts = [], [], []
     for x in images:
-        model(x)
+        forward_images(model, x)
         stats = pruner.stats()
         per_image += stats.gflops_per_image
-        dense += [stats.dense_gflops] * len(stats.gflops_per_image)
+        dense += stats.dense_gflops_per_image or [stats.dense_gflops] * len(stats.gflops_per_image)
         counts.append([c.detach().double() for c in pruner.state.counts])
     merged = [torch.cat([c[s] for c in counts]) for s in range(len(pruner.locations))]
     return dataclasses.replace(
@@ -290,4 +299,5 @@ def measure(model: nn.Module, pruner: TokenPruner, images: list[torch.Tensor]) -
         gflops_per_image=per_image,
         dense_gflops=sum(dense) / len(dense),
         flops_ratio=sum(g / d for g, d in zip(per_image, dense)) / len(per_image),
+        dense_gflops_per_image=dense,
     )

@@ -24,6 +24,41 @@ def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None, torch.Te
     )
 
 
+_NOT_MODEL_INPUTS = ("labels", "label", "teacher_logits")
+
+
+def model_inputs(batch: Any) -> torch.Tensor | dict[str, Any]:
+    """What calibrate and freeze pass to the model: the images, or, for a dict batch holding more model inputs
+    than 'pixel_values' (NaFlex's 'pixel_attention_mask' and 'spatial_shapes'), all of them as keywords."""
+    if isinstance(batch, Mapping) and "pixel_values" in batch:
+        inputs = {k: v for k, v in batch.items() if k not in _NOT_MODEL_INPUTS}
+        if len(inputs) > 1:
+            return inputs
+    return split_batch(batch)[0]
+
+
+def run_model(model: Any, inputs: torch.Tensor | Mapping[str, Any]) -> Any:
+    return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+
+
+def images_in(inputs: torch.Tensor | Mapping[str, Any]) -> torch.Tensor:
+    return inputs["pixel_values"] if isinstance(inputs, Mapping) else inputs
+
+
+def map_inputs(inputs: torch.Tensor | Mapping[str, Any], fn) -> torch.Tensor | dict[str, Any]:
+    """`fn` applied to the images, or to every tensor of a dict of model inputs (all have the batch first)."""
+    if isinstance(inputs, Mapping):
+        return {k: fn(v) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    return fn(inputs)
+
+
+def cat_inputs(batches: list) -> torch.Tensor | dict[str, Any]:
+    """Batches of model inputs (all tensors, or all dicts with the same keys and shapes) as one."""
+    if isinstance(batches[0], Mapping):
+        return {k: torch.cat([b[k] for b in batches]) if isinstance(v, torch.Tensor) else v for k, v in batches[0].items()}
+    return torch.cat(batches)
+
+
 def logits_of(output: Any) -> torch.Tensor:
     """Class logits from a timm output (a tensor, or the two heads of distilled DeiT) or an HF output."""
     if isinstance(output, torch.Tensor):

@@ -249,6 +249,8 @@ def hard_keep(
     k = min(min_keep, scores.shape[1] - num_prefix)
     if k > 0:
         keep.scatter_(1, _top_patches(scores, eligible, num_prefix, k), True)
+        if eligible is not None:  # an image with fewer than min_keep eligible patches keeps only those
+            keep[:, num_prefix:] &= eligible[:, num_prefix:]
     return keep
 
 
@@ -257,6 +259,22 @@ def topk_keep(scores: torch.Tensor, *, num_prefix: int, k: int, eligible: torch.
     keep = torch.zeros_like(scores, dtype=torch.bool)
     keep[:, :num_prefix] = True
     return keep.scatter_(1, _top_patches(scores, eligible, num_prefix, k), True)
+
+
+def topk_keep_per_image(
+    scores: torch.Tensor, *, num_prefix: int, k: torch.Tensor, eligible: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Bool (B, N): prefix tokens and the k[b] best eligible patches of image b (k: B integers)."""
+    lowest = torch.finfo(scores.dtype).min
+    patch_scores = scores[:, num_prefix:].nan_to_num(nan=lowest, neginf=lowest)
+    if eligible is not None:
+        patch_scores = patch_scores.masked_fill(~eligible[:, num_prefix:], float("-inf"))
+    order = patch_scores.argsort(dim=1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    keep = rank < k[:, None]
+    if eligible is not None:
+        keep &= eligible[:, num_prefix:]
+    return torch.cat([torch.ones_like(keep[:, :num_prefix]), keep], dim=1)
 
 
 def straight_through_mask(

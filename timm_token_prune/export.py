@@ -17,15 +17,16 @@ class _Output(nn.Module):
     """One plain tensor out: class logits (timm returns them; transformers wraps them in an output object),
     or a feature model's pooled features."""
 
-    def __init__(self, model: nn.Module, classifier: bool) -> None:
+    def __init__(self, model: nn.Module, classifier: bool, adapter) -> None:
         super().__init__()
         self.model = model
         self.classifier = classifier
+        self.adapter = adapter  # runs the image path (an image-text model: get_image_features)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         from .batches import logits_of
 
-        output = self.model(pixel_values)
+        output = self.adapter.forward_images(self.model, pixel_values)
         if self.classifier or isinstance(output, torch.Tensor):
             return logits_of(output)
         for key in _FEATURES:
@@ -45,6 +46,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example: torch.Tensor
     "pixel_values", output "logits" (a classifier) or "features" (the pooled features of a model without
     a head). Written to a temporary file, then renamed; the file gets the permissions the umask allows."""
     adapter, pruner = patched_adapter(model, "export")
+    adapter.check_exportable(model)
     if not pruner.fixed_counts:
         raise ValueError(
             "ONNX needs static shapes: call timm_token_prune.freeze(model, batches) first "
@@ -66,7 +68,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example: torch.Tensor
             # the tracer warns about Python ints taken from shapes (token counts): fixed in static mode
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             torch.onnx.export(
-                _Output(model, classifier), (example,), str(tmp), dynamo=False, opset_version=opset,
+                _Output(model, classifier, adapter), (example,), str(tmp), dynamo=False, opset_version=opset,
                 input_names=["pixel_values"], output_names=[output_name],
                 dynamic_axes={"pixel_values": {0: "batch"}, output_name: {0: "batch"}},
             )

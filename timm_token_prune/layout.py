@@ -38,7 +38,14 @@ class TokenLayout:
         self.kept: list[tuple[torch.Tensor | None, torch.Tensor | None]] = []  # per stage: (order, valid)
         self.restore: RestoreMap | None = None  # eval, restore_tokens: where each original position lives
         self.groups: list[tuple[torch.Tensor, int]] | None = None  # padded batches: attention's image groups
+        self.initial_valid: torch.Tensor | None = None  # a batch that arrived padded: its real tokens (B, N0)
         self._rope: dict = {}  # gather_rope's cache: (id, stage) -> (rope, gathered rope)
+
+    def begin_padded(self, valid: torch.Tensor) -> None:
+        """The batch arrives padded (images of different sizes): `valid` (bool B, N0) marks its real tokens, in
+        place (not packed). Padding is hidden as keys from the first patched attention on, and restored grids
+        hold zeros there."""
+        self.valid = self.initial_valid = valid
 
     # ---- moving tokens ----------------------------------------------------------------------------
     def unmoved(self) -> None:
@@ -147,7 +154,7 @@ class TokenLayout:
         """For each stage, the original token positions (B, N_s) that entered it and their validity mask
         (None: all valid)."""
         index = torch.arange(num_tokens, device=device).expand(batch, -1)
-        positions, valid = [], None
+        positions, valid = [], self.initial_valid
         for order, stage_valid in self.kept:
             if order is not None:
                 index, valid = index.gather(1, order), stage_valid
@@ -165,9 +172,13 @@ class TokenLayout:
 
     def restored(self, x: torch.Tensor) -> torch.Tensor:
         """Tokens x of the current layout (packed or padded) -> (B, N0, C) in the original order, each
-        pruned position filled (see `RestoreMap`); x unpacked when nothing was pruned."""
+        pruned position filled (see `RestoreMap`); x unpacked when nothing was pruned. Padding of a batch that
+        arrived padded (`begin_padded`) is zeros."""
         x = self.unpack(x)
-        return x if self.restore is None else self.restore.restore(x)
+        grid = x if self.restore is None else self.restore.restore(x)
+        if self.initial_valid is not None:
+            grid = grid.masked_fill(~self.initial_valid[..., None], 0)
+        return grid
 
     def restored_sources(self, fill: str) -> torch.Tensor | None:
         """The original position (B, N0) each restored position's fill comes from (itself when kept or with

@@ -40,6 +40,8 @@ class ForwardState:
 
     def __init__(self, stop_after: int | None = None) -> None:
         self.num_tokens: int | None = None  # tokens per image before any pruning
+        # a batch begun with padding (`begin(valid=...)`): each image's real tokens (B,) before any pruning
+        self.tokens_per_image: torch.Tensor | None = None
         self.layout = TokenLayout()  # where the tokens are: order, padding, packing, sizes, restore map
         self.soft_mask: torch.Tensor | None = None  # train, float (B, N): straight-through keep mask
         self.scores: torch.Tensor | None = None  # scores of the current scoring block
@@ -68,7 +70,8 @@ class PruneStats:
     gflops: float  # GMACs per image, batch mean
     gflops_per_image: list[float]
     dense_gflops: float  # GMACs per image of the unpatched model
-    flops_ratio: float  # gflops / dense_gflops
+    flops_ratio: float  # gflops / dense_gflops (a padded batch: the mean of each image's ratio)
+    dense_gflops_per_image: list[float] | None = None  # each image's dense cost (a padded batch: its real tokens)
 
 
 class TokenPruner(nn.Module):
@@ -182,11 +185,20 @@ class TokenPruner(nn.Module):
             raise RuntimeError("no forward pass has run through the patched model yet: call model(images) first")
         return self._state
 
-    def begin(self, batch_size: int | None = None) -> None:
-        """Start a forward pass. An empty batch (0 images) runs the zoo's own code, which returns empty outputs."""
+    def begin(self, batch_size: int | None = None, valid: torch.Tensor | None = None) -> None:
+        """Start a forward pass. An empty batch (0 images) runs the zoo's own code, which returns empty outputs.
+
+        `valid` (bool B x N, prefix tokens included): the real tokens of a batch that arrives padded (images of
+        different sizes, e.g. NaFlex); padding tokens do not exist for pruning: never kept, merged, scored,
+        pooled or counted in FLOPs, and each image's budget is taken over its own real tokens. One host sync."""
         self._state = ForwardState(self.stop_after)
         self._state.empty = batch_size == 0
         self._state.training = self.training
+        if valid is not None and not self._state.empty:
+            valid = valid.to(torch.bool)
+            self._state.tokens_per_image = valid.sum(dim=1)
+            if not bool(valid.all()):
+                self._state.layout.begin_padded(valid)
 
     @property
     def merging(self) -> bool:
@@ -277,8 +289,7 @@ class TokenPruner(nn.Module):
         initial = torch.tensor(self._initial_thresholds, dtype=self.thresholds.dtype)
         if not torch.equal(self.thresholds.detach().cpu(), initial):  # set since patching, if not by calibrate
             return
-        macs, dense = self._macs()
-        ratio = torch.as_tensor(macs, dtype=torch.float64).mean().item() / dense
+        ratio = self._ratio(torch.float64).item()
         warnings.warn(
             "the pruning thresholds were never set (by calibrate, from_pretrained or threshold_init), so this "
             f"model runs at a FLOPs ratio of {ratio:.3f}, not its budget of {self.config.budget}: call "
@@ -292,14 +303,15 @@ class TokenPruner(nn.Module):
         if not self.scoring() or state.empty:  # every threshold keeps every token: nothing has moved
             if state.num_tokens is None:
                 state.num_tokens = int(x.shape[1])
-            state.counts.append(torch.full(x.shape[:1], x.shape[1], device=x.device))
+            real = state.tokens_per_image
+            state.counts.append(torch.full(x.shape[:1], x.shape[1], device=x.device) if real is None else real)
             state.layout.unmoved()
             state.scored = False
             return x
         scores, state.scores = state.scores, None
         if scores is None:
             raise RuntimeError("prune() called without scores: the scoring attention did not run")
-        eligible = state.layout.valid if not self.training else _hard(state.soft_mask)
+        eligible = state.layout.valid if not self.training or state.soft_mask is None else _hard(state.soft_mask)
         x = self.unpack(x)  # (B, N, C): eval batches may arrive packed
         # every pair's similarity: for novelty, and for merging / restoring by the full path (training, or
         # restoring dropped tokens); eval merging needs only the leaving tokens' rows (`_merger`)
@@ -316,7 +328,7 @@ class TokenPruner(nn.Module):
                 self.thresholds[stage] = self.calibrating(scores.detach(), eligible)
         if state.stop_after == stage:
             raise StopForward
-        if not self.training and self.fixed_counts:
+        if not self.training and self.fixed_counts and state.tokens_per_image is None:
             return self._gather_topk(x, scores, stage, similarity)
         keep = self._keep(scores.detach(), stage, eligible)
         if self.training:
@@ -397,7 +409,9 @@ class TokenPruner(nn.Module):
         if self.config.keep_policy == "mass":
             return core.mass_share(scores, eligible, self.num_prefix_tokens)
         if self.config.keep_policy == "threshold":
-            return scores * (self.state.num_tokens - self.num_prefix_tokens)
+            real = self.state.tokens_per_image
+            tokens = self.state.num_tokens if real is None else real[:, None].to(scores.dtype)
+            return scores * (tokens - self.num_prefix_tokens)
         return scores
 
     def _merge(self, x: torch.Tensor, keep: torch.Tensor, eligible: torch.Tensor | None, similarity) -> torch.Tensor:
@@ -441,6 +455,11 @@ class TokenPruner(nn.Module):
 
     def _keep(self, scores: torch.Tensor, stage: int, eligible: torch.Tensor | None) -> torch.Tensor:
         prefix = self.num_prefix_tokens
+        real = self.state.tokens_per_image
+        if self.fixed_counts and real is not None:  # each image's k of its own real patches
+            counts = {n: self.topk_counts(n - prefix)[stage] for n in set(real.tolist())}
+            k = torch.tensor([counts[n] for n in real.tolist()], device=scores.device)
+            return core.topk_keep_per_image(scores, num_prefix=prefix, k=k, eligible=eligible)
         if self.fixed_counts:  # training: the same k as _gather_topk
             k = self.topk_counts(self.state.num_tokens - prefix)[stage]
             return core.topk_keep(scores, num_prefix=prefix, k=k, eligible=eligible)
@@ -475,6 +494,8 @@ class TokenPruner(nn.Module):
             mask = self._with_prefix(core.straight_through_mask(scores, threshold, temperature, keep))
         if state.soft_mask is not None:
             mask = mask * state.soft_mask
+        elif state.layout.valid is not None:  # the padding of a batch that began padded
+            mask = mask * state.layout.valid
         state.soft_mask = mask
         state.counts.append(mask.sum(dim=1))
 
@@ -551,20 +572,34 @@ class TokenPruner(nn.Module):
         return self.state.layout.pool_weights(self.state.soft_mask)
 
     # ---- FLOPs -------------------------------------------------------------------------------------
-    def _macs(self) -> tuple[torch.Tensor | float, float]:
+    def _macs(self) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+        """MACs per image and the dense MACs: one number, or per image (B,) for a batch begun padded, each
+        image counted over its own real tokens."""
         state = self.state
         tokens = state.num_tokens
         if tokens is None or len(state.counts) != len(self.locations):
             raise RuntimeError("the last forward pass did not reach every pruning point: run a full forward first")
-        patches = tokens - self.num_prefix_tokens
+        if state.tokens_per_image is not None:
+            tokens = state.tokens_per_image.double()
+            patches = tokens - self.num_prefix_tokens
+            dense = self.flops.macs([tokens] * len(self.locations), tokens, patches, scoring=False)
+        else:
+            patches = tokens - self.num_prefix_tokens
+            dense = self.flops.dense_macs(tokens, patches)
         macs = self.flops.macs(state.counts, tokens, patches, scoring=state.scored)
-        return macs, self.flops.dense_macs(tokens, patches)
+        return macs, dense
+
+    def _ratio(self, dtype: torch.dtype) -> torch.Tensor:
+        """The batch mean of each image's MACs over its dense MACs."""
+        macs, dense = self._macs()
+        if isinstance(dense, torch.Tensor):
+            return (torch.as_tensor(macs, dtype=dtype) / dense.to(dtype)).mean()
+        return torch.as_tensor(macs, dtype=dtype).mean() / dense
 
     def budget_loss(self) -> torch.Tensor:
         if self.state.empty:  # no image, no cost: a zero that still reaches the thresholds
             return self.thresholds.sum() * 0.0
-        macs, dense = self._macs()
-        ratio = torch.as_tensor(macs, dtype=torch.float32).mean() / dense
+        ratio = self._ratio(torch.float32)
         return (ratio - self.config.budget).abs()
 
     def stats(self) -> PruneStats:
@@ -574,6 +609,10 @@ class TokenPruner(nn.Module):
         state = self.state
         per_image = torch.as_tensor(macs, dtype=torch.float64).detach().flatten()
         counts = [c.detach().double() for c in state.counts]
+        dense_per_image = torch.as_tensor(dense, dtype=torch.float64).detach().expand_as(per_image)
+        ratio = self._ratio(torch.float64).item()
+        if isinstance(dense, torch.Tensor):
+            dense = dense_per_image.mean().item()
         return PruneStats(
             locations=self.locations,
             tokens=int(state.num_tokens),
@@ -583,7 +622,8 @@ class TokenPruner(nn.Module):
             gflops=per_image.mean().item() / 1e9,
             gflops_per_image=(per_image / 1e9).tolist(),
             dense_gflops=dense / 1e9,
-            flops_ratio=per_image.mean().item() / dense,
+            flops_ratio=ratio,
+            dense_gflops_per_image=(dense_per_image / 1e9).tolist(),
         )
 
 

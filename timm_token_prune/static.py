@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .api import get_pruner, measure, sample_images
+from .api import forward_images, get_pruner, measure, sample_images
 from .pruner import PruneStats
 
 
@@ -34,7 +34,7 @@ def freeze(model: nn.Module, batches: Iterable[Any]) -> PruneStats:
     try:
         counts, macs = [], []
         for x in images:
-            model(x)
+            forward_images(model, x)
             counts.append(torch.stack([c.double() for c in pruner.state.counts], 1))
             macs.append(torch.as_tensor(pruner.stats().gflops_per_image))
         counts, target = torch.cat(counts).mean(0), torch.cat(macs).mean().item()

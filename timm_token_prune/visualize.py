@@ -63,7 +63,7 @@ def visualize(model: nn.Module, image, *, mean: Sequence[float] | None = None, s
     was_training = model.training
     model.eval()
     try:
-        model(x)
+        adapter.forward_images(model, x)  # an image-text or vision-language model: its vision tower only
     finally:
         model.train(was_training)
     prefix = pruner.num_prefix_tokens

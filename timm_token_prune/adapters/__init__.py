@@ -15,11 +15,15 @@ from .base import (
     wrapper_hint,
 )
 from .hf import TransformersAdapter
+from .hf_towers import VisionTowerAdapter
 from .timm import TimmAdapter, VisionTransformerAdapter
 from .timm_beit import BeitAdapter
 from .timm_eva import EvaAdapter
 
-for _adapter in (VisionTransformerAdapter(), EvaAdapter(), BeitAdapter(), TransformersAdapter()):
+# VisionTowerAdapter after TransformersAdapter: of two equally specific adapters, the one registered last wins
+for _adapter in (
+    VisionTransformerAdapter(), EvaAdapter(), BeitAdapter(), TransformersAdapter(), VisionTowerAdapter()
+):
     register_adapter(_adapter)
 
 __all__ = [
@@ -29,6 +33,7 @@ __all__ = [
     "EvaAdapter",
     "TimmAdapter",
     "TransformersAdapter",
+    "VisionTowerAdapter",
     "VisionTransformerAdapter",
     "adapter_for_zoo",
     "adapter_named",

@@ -93,6 +93,17 @@ class Adapter(ABC):
     def check_images(self, model: nn.Module, images: torch.Tensor) -> None:
         """Raise `ValueError` saying what is wrong unless `images` is a batch the model takes."""
 
+    def check_exportable(self, model: nn.Module) -> None:
+        """Raise `ValueError` saying why if `export_onnx` cannot export this model (default: it can)."""
+
+    def forward_images(self, model: nn.Module, images: torch.Tensor) -> object:
+        """Run the patched model on a batch of images alone (calibrate, measure, freeze): `model(images)`. A
+        model that takes more than images (a text tower, a language model) runs only what reads the images.
+        `images` may be a dict of keyword inputs (`batches.model_inputs`): `model(**images)`."""
+        from ..batches import run_model
+
+        return run_model(model, images)
+
 
 ADAPTERS: list[Adapter] = []  # in registration order; see find_adapter for which one a model gets
 

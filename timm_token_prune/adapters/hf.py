@@ -25,10 +25,11 @@ from torch import nn
 
 from .. import core
 from ..config import PruneConfig
-from ..errors import CheckpointError, UnsupportedModelError
+from ..errors import AlreadyPatchedError, CheckpointError, UnsupportedModelError
 from ..flops import linear_macs
 from ..locations import resolve_locations
 from ..pruner import TokenPruner
+from ..swap import restore_class
 from .base import IMAGENET_MEAN, IMAGENET_STD, Adapter
 from .shared import check_pixels, new_pruner, pruned_layers
 
@@ -57,6 +58,11 @@ _FAMILIES = {
     ),
     "CLIPVisionModel": _Family("encoder.layers", "self_attn", "embeddings.patch_embedding"),
     "SiglipVisionModel": _Family("encoder.layers", "self_attn", "embeddings.patch_embedding", class_token=False),
+    # relative position bias gathered at the kept tokens: hf_beit.py
+    "BeitModel": _Family("layers", "attention", "embeddings.patch_embeddings.projection"),
+    "Data2VecVisionModel": _Family("encoder.layer", "attention", "embeddings.patch_embeddings.projection"),
+    # NaFlex (padded batches of patchified images, a linear patch embedding): hf_siglip2.py
+    "Siglip2VisionModel": _Family("encoder.layers", "self_attn", "embeddings.patch_embedding", class_token=False),
 }
 # top-level classes whose head averages patch tokens: the module whose output it averages
 _MEAN_POOL_SOURCE = {
@@ -69,12 +75,15 @@ _MEAN_POOL_SOURCE = {
 _NORMALIZATION = {
     "CLIPVisionModel": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
     "SiglipVisionModel": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "Siglip2VisionModel": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "BeitModel": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "Data2VecVisionModel": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
 }
 _REASONS = {
-    "BeitModel": "its relative position bias is folded into the attention mask inside each layer",
-    "Data2VecVisionModel": "its relative position bias is folded into the attention mask inside each layer",
+    "BeitForMaskedImageModeling": "its head predicts every patch position",
+    "BeitForSemanticSegmentation": "its decoder reads every layer's full token grid",
+    "Data2VecVisionForSemanticSegmentation": "its decoder reads every layer's full token grid",
     "ViTMAEModel": "its embeddings shuffle and mask patches at random",
-    "CLIPModel": "it holds a text tower too: patch model.vision_model instead",
 }
 
 
@@ -84,7 +93,9 @@ class TransformersAdapter(Adapter):
     supported = (
         "transformers ViTModel / ViTForImageClassification, DeiTModel / DeiTForImageClassification(WithTeacher), "
         "Dinov2Model / Dinov2ForImageClassification, Dinov2WithRegisters*, ViTMSN*, CLIPVisionModel / "
-        "CLIPVisionModelWithProjection / CLIPForImageClassification, SiglipVisionModel / SiglipForImageClassification"
+        "CLIPVisionModelWithProjection / CLIPForImageClassification, SiglipVisionModel / SiglipForImageClassification, "
+        "BeitModel / BeitForImageClassification, Data2VecVisionModel / Data2VecVisionForImageClassification, "
+        "Siglip2VisionModel / Siglip2ForImageClassification (NaFlex)"
     )
     restores_tokens = True
 
@@ -101,6 +112,11 @@ class TransformersAdapter(Adapter):
                 "no supported vision transformer inside it",
             )
             raise UnsupportedModelError(f"cannot patch {name}: {reason}. Supported: {self.supported}.")
+        if any("_token_pruner" in m.__dict__ for m in base.modules()):  # patched as part of a larger model
+            raise AlreadyPatchedError(
+                f"cannot patch {name}: it is already patched as part of the model that holds it (e.g. the vision "
+                "tower of a CLIPModel or a LLaVA model): call unpatch_model on that model first"
+            )
         layers = _get(base, _FAMILIES[type(base).__name__].layers)
         if len({linear_macs(layer) for layer in layers}) > 1:
             raise UnsupportedModelError(f"cannot patch {name}: its layers differ in width. Supported: {self.supported}.")
@@ -113,6 +129,12 @@ class TransformersAdapter(Adapter):
         return resolve_locations(config.prune_locations, len(layers), name)
 
     def patch(self, model: nn.Module, config: PruneConfig, locations: tuple[int, ...]) -> TokenPruner:
+        from . import hf_beit, hf_siglip2
+
+        if hf_beit.is_family(_base(model)):
+            return hf_beit.patch(model, config, locations)
+        if hf_siglip2.is_family(_base(model)):
+            return hf_siglip2.patch(model, config, locations)
         return _patch(model, config, locations)
 
     def unpatch(self, model: nn.Module) -> None:
@@ -124,6 +146,7 @@ class TransformersAdapter(Adapter):
                 module.config = original
             for name in _ADDED:
                 module.__dict__.pop(name, None)
+            restore_class(module)  # hf_beit: Data2VecVision's swapped self-attentions
         del model.token_pruner
 
     def save_dense(self, model: nn.Module, folder: Path, state_dict: dict, model_args: dict | None) -> None:
@@ -156,6 +179,10 @@ class TransformersAdapter(Adapter):
         return "ForImageClassification" in type(model).__name__  # ...WithTeacher has two heads, no .classifier
 
     def input_size(self, model: nn.Module) -> tuple[int, int, int]:
+        from . import hf_siglip2
+
+        if hf_siglip2.is_family(_base(model)):
+            return hf_siglip2.input_size(_base(model))
         config = _base(model).config
         size = config.image_size
         return (config.num_channels, *((size, size) if isinstance(size, int) else size))
@@ -166,7 +193,20 @@ class TransformersAdapter(Adapter):
         config = base.config
         return tuple(getattr(config, "image_mean", None) or mean), tuple(getattr(config, "image_std", None) or std)
 
+    def check_exportable(self, model: nn.Module) -> None:
+        from . import hf_siglip2
+
+        if hf_siglip2.is_family(_base(model)):
+            raise ValueError(
+                f"export_onnx cannot export {type(model).__name__} yet: SigLIP 2 NaFlex batches carry a patch mask "
+                "and per-image grid shapes, and its padded batches keep data-dependent token counts"
+            )
+
     def check_images(self, model: nn.Module, images: torch.Tensor) -> None:
+        from . import hf_siglip2
+
+        if hf_siglip2.is_family(_base(model)):
+            return hf_siglip2.check_patches(_base(model), images)
         check_pixels(images, _base(model).config.num_channels, "pixel_values")
 
 
@@ -259,13 +299,25 @@ def _set(module: nn.Module, **attributes) -> None:
 # ---- hooks (module-level functions, so deep copies and pickles of the model stay consistent) ----------
 def _begin_forward(module: nn.Module, args: tuple, kwargs: dict) -> None:
     pruner = module._token_pruner
+    hidden = _check_output_flags(module, pruner, kwargs)
+    if kwargs.get("attention_mask") is not None or kwargs.get("bool_masked_pos") is not None:
+        raise NotImplementedError("attention_mask / bool_masked_pos cannot be combined with token pruning")
+    pixels = args[0] if args else kwargs.get("pixel_values")
+    check_pixels(pixels, module.config.num_channels, "pixel_values")
+    _register_attention()  # a model unpickled in a new process
+    pruner.begin(len(pixels))
+    _start_hidden_grids(module, pruner, hidden)
+
+
+def _check_output_flags(module: nn.Module, pruner: TokenPruner, kwargs: dict):
+    """Refuse output_hidden_states / output_attentions that pruning cannot serve; returns output_hidden_states."""
     hidden = kwargs.get("output_hidden_states")
     hidden = getattr(module.config, "output_hidden_states", False) if hidden is None else hidden
     if hidden is not None and hidden is not False and pruner.restoring:
-        if hidden is not True:
+        if hidden is not True and _selected_layers(module, hidden) is None:
             raise NotImplementedError(
-                f"output_hidden_states={hidden!r}: a token-pruned model restores all layers' grids or none; "
-                "pass output_hidden_states=True"
+                f"output_hidden_states={hidden!r}: a token-pruned model restores all layers' grids, or those of "
+                "the layers an int or a list of ints selects; pass output_hidden_states=True"
             )
         return_dict = kwargs.get("return_dict")
         if not (getattr(module.config, "return_dict", True) if return_dict is None else return_dict):
@@ -277,20 +329,40 @@ def _begin_forward(module: nn.Module, args: tuple, kwargs: dict) -> None:
         why = "restore_tokens works in eval mode only: call model.eval()" if pruner.config.restore_tokens else (
             "patch the model with restore_tokens=True to get full grids, or call timm_token_prune.unpatch_model(model)"
         )
-        raise NotImplementedError(f"output_hidden_states=True on a token-pruned model: pruned layers hold fewer tokens; {why}")
+        raise NotImplementedError(f"output_hidden_states={hidden!r} on a token-pruned model: pruned layers hold fewer tokens; {why}")
     if kwargs.get("output_attentions") or getattr(module.config, "output_attentions", False):
         raise NotImplementedError(
             "output_attentions=True is not supported on a token-pruned model: pruned layers hold fewer tokens. "
             "Call timm_token_prune.unpatch_model(model) to get them"
         )
-    if kwargs.get("attention_mask") is not None or kwargs.get("bool_masked_pos") is not None:
-        raise NotImplementedError("attention_mask / bool_masked_pos cannot be combined with token pruning")
-    pixels = args[0] if args else kwargs.get("pixel_values")
-    check_pixels(pixels, module.config.num_channels, "pixel_values")
-    _register_attention()  # a model unpickled in a new process
-    pruner.begin(len(pixels))
-    if hidden is True and pruner.restoring:
-        pruner.state.hidden_grids = {}
+    return hidden
+
+
+def _start_hidden_grids(module: nn.Module, pruner: TokenPruner, hidden) -> None:
+    """restore_tokens with output_hidden_states: collect the restored grids of this forward."""
+    if pruner.restoring and (hidden is True or _selected_layers(module, hidden) is not None):
+        pruner.state.hidden_grids = {} if hidden is True else _SelectedGrids(_selected_layers(module, hidden))
+
+
+class _SelectedGrids(dict):
+    """hidden_grids when output_hidden_states selects hidden states by index (LLaVA's vision_feature_layer):
+    only the selected layers' grids are restored."""
+
+    def __init__(self, layers: set[int]) -> None:
+        super().__init__()
+        self.layers = layers
+
+
+def _selected_layers(module: nn.Module, hidden) -> set[int] | None:
+    """The layer indices whose outputs an output_hidden_states of an int or ints selects (hidden state i is
+    layer i - 1's output; 0 the embeddings, which no pruning changes); None for anything else."""
+    indices = [hidden] if isinstance(hidden, int) else hidden
+    if isinstance(hidden, bool) or not isinstance(indices, (list, tuple)) or not indices:
+        return None
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in indices):
+        return None
+    count = len(_get(module, _FAMILIES[type(module).__name__].layers)) + 1
+    return {i % count - 1 for i in indices if -count <= i < count}
 
 
 def _prune_output(module: nn.Module, args: tuple, output):
@@ -301,7 +373,7 @@ def _record_grid(module: nn.Module, args: tuple, output) -> None:
     """restore_tokens with output_hidden_states: this layer's output restored to the grid, now."""
     state = module._token_pruner.state
     grids = state.hidden_grids
-    if grids is not None:
+    if grids is not None and module._layer_index in getattr(grids, "layers", (module._layer_index,)):
         grids[module._layer_index] = module._token_pruner.restore(output)
 
 
@@ -342,15 +414,25 @@ def _restore_hidden_states(module: nn.Module, args: tuple, output):
     hidden = list(hidden)
     for index, grid in grids.items():
         position = len(hidden) - layers + index
-        if hidden[position] is not output.last_hidden_state:
+        if hidden[position] is not None and hidden[position] is not output.last_hidden_state:
             hidden[position] = grid
     output.hidden_states = tuple(hidden)
     return output
 
 
+def _kept_pool_weights(pruner: TokenPruner) -> torch.Tensor | None:
+    """Pooling weights of the kept tokens; all ones when they count equally but the head reads a restored
+    grid (top-k without merging), None when the model's own pooling already sees just the kept tokens."""
+    weights = pruner.pool_weights()
+    state = pruner.state
+    if weights is None and state.restored is not None and state.kept_final is not None:
+        weights = state.kept_final.new_ones(state.kept_final.shape[:2])
+    return weights
+
+
 def _mean_over_kept_tokens(module: nn.Module, args: tuple):
     pruner = module._token_pruner
-    weights = pruner.pool_weights()
+    weights = _kept_pool_weights(pruner)
     if weights is None:
         return None
     (features,) = args
@@ -363,7 +445,7 @@ def _mean_over_kept_tokens(module: nn.Module, args: tuple):
 def _pool_kept_keys(module: nn.Module, args: tuple, kwargs: dict):
     """nn.MultiheadAttention pooling (SigLIP's head): hide padding / pruned tokens as keys."""
     state = module._token_pruner.state
-    weights = module._token_pruner.pool_weights()
+    weights = _kept_pool_weights(module._token_pruner)
     if weights is None:
         return None
     if kwargs.get("key_padding_mask") is not None or kwargs.get("attn_mask") is not None:
