@@ -206,6 +206,14 @@ def test_a_failed_calibration_changes_nothing():
     assert all(torch.equal(after[k], v) for k, v in before.items())
 
 
+def test_dict_batches_with_labels_and_other_keys_calibrate_on_the_images():
+    model = ttp.patch_model(make_model("vit"), budget=0.5, prune_locations=LOCATIONS)
+    x = images(8)
+    plain = ttp.calibrate(model, [x]).flops_ratio
+    extra = {"pixel_values": x, "labels": torch.zeros(8, dtype=torch.long), "image_id": torch.arange(8)}
+    assert ttp.calibrate(model, [extra]).flops_ratio == plain
+
+
 @pytest.mark.parametrize("policy", ["mass", "topk"])
 def test_one_calibration_serves_other_image_sizes(policy):
     """Thresholds on a scale-free statistic: calibrated at 32 px, the budget holds at 48 and 64 px."""

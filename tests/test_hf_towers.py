@@ -169,6 +169,15 @@ def test_dual_tower_flops_cover_the_image_path_only(kind):
     assert whole > 1.05 * dense_counted  # the text tower costs something, and is not counted
 
 
+def test_dual_tower_calibrates_on_processor_batches_with_text():
+    """A CLIP processor's batch holds the text too: calibrate reads its images only."""
+    dense = make_dual("clip")
+    model = ttp.patch_model(copy.deepcopy(dense), 0.65)
+    images_only = ttp.calibrate(model, calibration()).flops_ratio
+    batch = {**calibration()[0], "input_ids": text_ids(16), "attention_mask": torch.ones(16, 8, dtype=torch.long)}
+    assert ttp.calibrate(model, [batch]).flops_ratio == images_only
+
+
 def test_dual_tower_save_load_and_plain_transformers(tmp_path):
     dense, model, _ = calibrated("clip")
     x, ids = images(4, seed=3, size=IMG), text_ids()
@@ -336,3 +345,11 @@ def test_vlm_pruned_tower_end_to_end():
         hidden = model.model.get_image_features(pixel_values=x).hidden_states
     assert [h is not None for h in hidden] == [False, False, False, True, False]
     assert hidden[-2].shape == (2, PATCHES + 1, 64)
+
+
+def test_distill_refuses_an_image_text_model_clearly():
+    model = ttp.patch_model(make_dual("clip"), 0.65)
+    thresholds = ttp.get_pruner(model).thresholds.detach().clone()
+    with pytest.raises(ValueError, match="image-text or vision-language"):
+        ttp.distill(model, [{"pixel_values": images(4, size=IMG)}], epochs=1)
+    assert torch.equal(ttp.get_pruner(model).thresholds, thresholds)

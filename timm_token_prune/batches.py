@@ -24,16 +24,15 @@ def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None, torch.Te
     )
 
 
-_NOT_MODEL_INPUTS = ("labels", "label", "teacher_logits")
+_NAFLEX_INPUTS = ("pixel_attention_mask", "spatial_shapes")  # SigLIP 2: padded patches and each image's grid
 
 
 def model_inputs(batch: Any) -> torch.Tensor | dict[str, Any]:
-    """What calibrate and freeze pass to the model: the images, or, for a dict batch holding more model inputs
-    than 'pixel_values' (NaFlex's 'pixel_attention_mask' and 'spatial_shapes'), all of them as keywords."""
-    if isinstance(batch, Mapping) and "pixel_values" in batch:
-        inputs = {k: v for k, v in batch.items() if k not in _NOT_MODEL_INPUTS}
-        if len(inputs) > 1:
-            return inputs
+    """What calibrate and freeze pass to the model: the images, or, for a NaFlex dict batch ('pixel_values',
+    'pixel_attention_mask', 'spatial_shapes'), those three as keywords. Anything else in a dict (labels,
+    text inputs, ids) is not an image input and is left out."""
+    if isinstance(batch, Mapping) and "pixel_values" in batch and any(k in batch for k in _NAFLEX_INPUTS):
+        return {k: batch[k] for k in ("pixel_values", *_NAFLEX_INPUTS) if k in batch}
     return split_batch(batch)[0]
 
 

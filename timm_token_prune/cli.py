@@ -138,7 +138,7 @@ def _export(args: argparse.Namespace) -> int:
     batches = [torch.randn(16, *size) for _ in range(2)]
     if pruner.fixed_counts:  # a checkpoint saved frozen
         with torch.no_grad():
-            model.eval()(batches[0])
+            adapter.forward_images(model.eval(), batches[0])  # an image-text model: its image path
         stats = last_stats(model)
     else:
         stats = freeze(model, batches)

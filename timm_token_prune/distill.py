@@ -201,6 +201,14 @@ class _Run:
 
 def _setup(student, train_loader, teacher, eval_loader, output: Path | None, config: DistillConfig) -> _Run:
     pruner = get_pruner(student)
+    from .adapters.hf_towers import find_tower
+
+    if type(student).__module__.startswith("transformers") and find_tower(student) is not None:
+        raise ValueError(
+            f"distill trains classifiers; this {type(student).__name__} is an image-text or vision-language model "
+            "whose vision tower is pruned: calibrate it (ttp.calibrate on image batches), or distill a classifier "
+            "built on the same tower"
+        )
     rank, world = _distributed()
     if teacher is None:
         teacher = unpatch_model(copy.deepcopy(student))

@@ -35,6 +35,12 @@ def freeze(model: nn.Module, batches: Iterable[Any]) -> PruneStats:
         counts, macs = [], []
         for x in images:
             forward_images(model, x)
+            if pruner.state.layout.initial_valid is not None:
+                raise ValueError(
+                    "freeze samples must be unpadded batches (every image the same size): this one is a padded "
+                    "NaFlex batch, whose per-image counts cannot be turned into one keep ratio per stage yet; "
+                    "freeze on batches of full-size images"
+                )
             counts.append(torch.stack([c.double() for c in pruner.state.counts], 1))
             macs.append(torch.as_tensor(pruner.stats().gflops_per_image))
         counts, target = torch.cat(counts).mean(0), torch.cat(macs).mean().item()

@@ -144,11 +144,11 @@ def _model_mask_holds(pruner: TokenPruner) -> bool:
 def _begin_forward(module: nn.Module, args: tuple, kwargs: dict):
     """Start a forward with the pixel mask as the initial layout (padding = tokens that do not exist)."""
     pruner = module._token_pruner
+    pending = pruner.__dict__.pop(_PENDING, None)  # first: a refused forward must not leave it for the next one
     hidden = hf._check_output_flags(module, pruner, kwargs)
     given = dict(zip(_INPUTS, args))
     given.update({k: kwargs[k] for k in _INPUTS if k in kwargs})
     pixels, mask = given.get("pixel_values"), given.get("pixel_attention_mask")
-    pending = pruner.__dict__.pop(_PENDING, None)
     changed = mask is None and pending is not None
     if changed:  # Siglip2ForImageClassification kept the mask from its own pooling: the tower gets it
         mask = pending
