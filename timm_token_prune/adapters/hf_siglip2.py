@@ -211,7 +211,8 @@ def _head_mask(module: nn.Module, args: tuple, kwargs: dict):
 
 
 def _pool_keys(module: nn.Module, args: tuple, kwargs: dict):
-    if kwargs.get("attn_mask") is not None:  # the head's own mask: no token has moved (see _head_mask)
+    # the head's own mask (transformers 5.24: attn_mask, 5.25: key_padding_mask): no token has moved (_head_mask)
+    if kwargs.get("attn_mask") is not None or kwargs.get("key_padding_mask") is not None:
         return None
     return hf._pool_kept_keys(module, args, kwargs)
 
