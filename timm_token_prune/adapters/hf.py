@@ -250,24 +250,11 @@ def _patch(model: nn.Module, config: PruneConfig, locations: tuple[int, ...]) ->
         pool_per_token=pool_kv,
     )
     fallback = base.config._attn_implementation or "eager"
-    handles = []
-    for index, layer, stage in pruned_layers(layers, locations):
-        attention = getattr(layer, family.attention)
-        own = copy.copy(attention.config)
-        own._attn_implementation = ATTN_IMPLEMENTATION
-        _set(attention, _token_pruner=pruner, _prune_stage=stage, _token_prune_fallback=fallback)
-        _set(attention, _token_prune_config=attention.config)
-        attention.config = own
-        if stage is not None:
-            _set(layer, _token_pruner=pruner, _prune_stage=stage)
-            handles.append(layer.register_forward_hook(_prune_output))
-        if config.restore_tokens:
-            _set(layer, _token_pruner=pruner, _layer_index=index)
-            handles.append(layer.register_forward_hook(_record_grid))
-    _set(layers[-1], _token_pruner=pruner)
-    handles.append(layers[-1].register_forward_hook(_unpack_output))
-    _set(base, _token_pruner=pruner)
-    handles.append(base.register_forward_pre_hook(_begin_forward, with_kwargs=True))
+
+    def attend(layer: nn.Module, stage: int | None) -> None:
+        use_implementation(getattr(layer, family.attention), pruner, stage, ATTN_IMPLEMENTATION, fallback)
+
+    handles = hook_layers(base, layers, pruner, config, locations, attend)
     if type(model).__name__ in _MEAN_POOL_SOURCE:
         source = _MEAN_POOL_SOURCE[type(model).__name__]
         source = _get(model, source) if source else layers[-1]
@@ -289,6 +276,41 @@ def _patch(model: nn.Module, config: PruneConfig, locations: tuple[int, ...]) ->
     _set(pruner, **{_HANDLES: handles})
     model.add_module("token_pruner", pruner)
     return pruner
+
+
+def use_implementation(attention: nn.Module, pruner: TokenPruner, stage: int | None, name: str, fallback: str) -> None:
+    """Give `attention` its own config copy whose `_attn_implementation` is `name` (a registered
+    AttentionInterface function); `fallback` is the model's own implementation, for the work it hands back."""
+    own = copy.copy(attention.config)
+    own._attn_implementation = name
+    _set(attention, _token_pruner=pruner, _prune_stage=stage, _token_prune_fallback=fallback)
+    _set(attention, _token_prune_config=attention.config)
+    attention.config = own
+
+
+def hook_layers(
+    base: nn.Module, layers: nn.ModuleList, pruner: TokenPruner, config: PruneConfig, locations: tuple[int, ...],
+    attend, *, prune=None, record=None, unpack=None, begin=None,
+) -> list:
+    """The hooks every transformers family needs; returns their handles. `attend(layer, stage)` sets up each
+    patched layer's attention; the scoring layers' outputs are pruned (`prune`), with restore_tokens each
+    layer's grid is recorded (`record`), the last layer's output is unpacked (`unpack`), and the base model's
+    pre-hook starts each forward (`begin`). Defaults: this module's hooks (a family whose layers return tuples,
+    or whose forward starts padded, passes its own)."""
+    handles = []
+    for index, layer, stage in pruned_layers(layers, locations):
+        attend(layer, stage)
+        if stage is not None:
+            _set(layer, _token_pruner=pruner, _prune_stage=stage)
+            handles.append(layer.register_forward_hook(prune or _prune_output))
+        if config.restore_tokens:
+            _set(layer, _token_pruner=pruner, _layer_index=index)
+            handles.append(layer.register_forward_hook(record or _record_grid))
+    _set(layers[-1], _token_pruner=pruner)
+    handles.append(layers[-1].register_forward_hook(unpack or _unpack_output))
+    _set(base, _token_pruner=pruner)
+    handles.append(base.register_forward_pre_hook(begin or _begin_forward, with_kwargs=True))
+    return handles
 
 
 def _set(module: nn.Module, **attributes) -> None:

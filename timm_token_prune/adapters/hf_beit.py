@@ -32,7 +32,7 @@ from ..flops import linear_macs
 from ..pruner import TokenPruner
 from ..swap import swap_class
 from . import hf
-from .shared import new_pruner, pruned_layers
+from .shared import new_pruner
 
 FAMILIES = ("BeitModel", "Data2VecVisionModel")
 BIAS_IMPLEMENTATION = "timm_token_prune_bias"
@@ -83,19 +83,12 @@ def _patch_data2vec(model: nn.Module, base: nn.Module, config: PruneConfig, loca
         num_prefix_tokens=1,
         num_patches=(image // patch_size) ** 2 if isinstance(image, int) else 196,
     )
-    handles = []
-    for index, layer, stage in pruned_layers(layers, locations):
+    def attend(layer: nn.Module, stage: int | None) -> None:
         swap_class(layer.attention.attention, _PrunedData2VecVisionSelfAttention, _token_pruner=pruner, _prune_stage=stage)
-        if stage is not None:
-            hf._set(layer, _token_pruner=pruner, _prune_stage=stage)
-            handles.append(layer.register_forward_hook(_prune_first))
-        if config.restore_tokens:
-            hf._set(layer, _token_pruner=pruner, _layer_index=index)
-            handles.append(layer.register_forward_hook(_record_first))
-    hf._set(layers[-1], _token_pruner=pruner)
-    handles.append(layers[-1].register_forward_hook(_unpack_first))
-    hf._set(base, _token_pruner=pruner)
-    handles.append(base.register_forward_pre_hook(hf._begin_forward, with_kwargs=True))
+
+    handles = hf.hook_layers(
+        base, layers, pruner, config, locations, attend, prune=_prune_first, record=_record_first, unpack=_unpack_first
+    )
     if config.restore_tokens:
         handles.append(base.register_forward_hook(hf._restore_hidden_states))
     hf._set(pruner, **{hf._HANDLES: handles})

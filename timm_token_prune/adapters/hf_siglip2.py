@@ -25,7 +25,6 @@ attention-pooling head (or the classifier's masked mean).
 
 from __future__ import annotations
 
-import copy
 from types import SimpleNamespace
 
 import torch
@@ -36,7 +35,7 @@ from ..config import PruneConfig
 from ..flops import linear_macs
 from ..pruner import TokenPruner
 from . import hf
-from .shared import new_pruner, pruned_layers
+from .shared import new_pruner
 
 FAMILIES = ("Siglip2VisionModel",)
 NAFLEX_IMPLEMENTATION = "timm_token_prune_naflex"
@@ -92,24 +91,11 @@ def patch(model: nn.Module, config: PruneConfig, locations: tuple[int, ...]) -> 
         pool_per_token=pool_kv,
     )
     fallback = base.config._attn_implementation or "eager"
-    handles = []
-    for index, layer, stage in pruned_layers(layers, locations):
-        attention = layer.self_attn
-        own = copy.copy(attention.config)
-        own._attn_implementation = NAFLEX_IMPLEMENTATION
-        hf._set(attention, _token_pruner=pruner, _prune_stage=stage, _token_prune_fallback=fallback)
-        hf._set(attention, _token_prune_config=attention.config)
-        attention.config = own
-        if stage is not None:
-            hf._set(layer, _token_pruner=pruner, _prune_stage=stage)
-            handles.append(layer.register_forward_hook(hf._prune_output))
-        if config.restore_tokens:
-            hf._set(layer, _token_pruner=pruner, _layer_index=index)
-            handles.append(layer.register_forward_hook(hf._record_grid))
-    hf._set(layers[-1], _token_pruner=pruner)
-    handles.append(layers[-1].register_forward_hook(_unpack_output))
-    hf._set(base, _token_pruner=pruner)
-    handles.append(base.register_forward_pre_hook(_begin_forward, with_kwargs=True))
+
+    def attend(layer: nn.Module, stage: int | None) -> None:
+        hf.use_implementation(layer.self_attn, pruner, stage, NAFLEX_IMPLEMENTATION, fallback)
+
+    handles = hf.hook_layers(base, layers, pruner, config, locations, attend, unpack=_unpack_output, begin=_begin_forward)
     norm = base.post_layernorm
     hf._set(norm, _token_pruner=pruner)
     if head is not None:
