@@ -210,11 +210,16 @@ def gather_rope(rope: torch.Tensor, positions: torch.Tensor, num_prefix: int) ->
 def _top_patches(scores: torch.Tensor, eligible: torch.Tensor | None, num_prefix: int, k: int) -> torch.Tensor:
     """Indices (B, k) of the k best eligible patch tokens (a NaN score ranks last among the eligible ones;
     `eligible` None: all are)."""
+    return _patch_ranking(scores, eligible, num_prefix).topk(k, dim=1, sorted=False).indices + num_prefix
+
+
+def _patch_ranking(scores: torch.Tensor, eligible: torch.Tensor | None, num_prefix: int) -> torch.Tensor:
+    """The patch scores (B, N - prefix) to rank: NaN last among the eligible, ineligible below everything."""
     lowest = torch.finfo(scores.dtype).min
     patch_scores = scores[:, num_prefix:].nan_to_num(nan=lowest, neginf=lowest)
     if eligible is not None:
         patch_scores = patch_scores.masked_fill(~eligible[:, num_prefix:], float("-inf"))
-    return patch_scores.topk(k, dim=1, sorted=False).indices + num_prefix
+    return patch_scores
 
 
 def mass_share(scores: torch.Tensor, eligible: torch.Tensor | None, num_prefix: int) -> torch.Tensor:
@@ -265,11 +270,7 @@ def topk_keep_per_image(
     scores: torch.Tensor, *, num_prefix: int, k: torch.Tensor, eligible: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Bool (B, N): prefix tokens and the k[b] best eligible patches of image b (k: B integers)."""
-    lowest = torch.finfo(scores.dtype).min
-    patch_scores = scores[:, num_prefix:].nan_to_num(nan=lowest, neginf=lowest)
-    if eligible is not None:
-        patch_scores = patch_scores.masked_fill(~eligible[:, num_prefix:], float("-inf"))
-    order = patch_scores.argsort(dim=1, descending=True, stable=True)
+    order = _patch_ranking(scores, eligible, num_prefix).argsort(dim=1, descending=True, stable=True)
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
     keep = rank < k[:, None]
     if eligible is not None:
