@@ -246,13 +246,17 @@ def test_wrong_inputs():
         model(**{**x, "pixel_attention_mask": x["pixel_attention_mask"][:, :10]})
 
 
-def test_siglip2_model_image_features_through_the_vision_tower():
-    torch.manual_seed(0)
+def dual_model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
     config = transformers.Siglip2Config(
         vision_config=VISION,
         text_config=dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32),
     )
-    model = _sharpen(transformers.Siglip2Model(config))
+    return _sharpen(transformers.Siglip2Model(config))
+
+
+def test_siglip2_model_image_features_through_the_vision_tower():
+    model = dual_model()
     x = naflex(SHAPES, seed=8, padding=1.0)
     with torch.no_grad():
         dense = model.get_image_features(**x).pooler_output
@@ -293,3 +297,12 @@ def test_a_refused_classifier_forward_leaves_no_mask_behind():
             model(**x, output_attentions=True)
         after = tower(pixel_values=x["pixel_values"], pixel_attention_mask=None, spatial_shapes=x["spatial_shapes"])
     assert torch.equal(before.pooler_output, after.pooler_output)
+
+
+@pytest.mark.parametrize("build", ["vision", "dual"])
+def test_calibrate_on_plain_tensors_says_what_batches_to_pass(build):
+    model = patched() if build == "vision" else ttp.patch_model(dual_model(), 0.6)
+    thresholds = ttp.get_pruner(model).thresholds.detach().clone()
+    with pytest.raises(ValueError, match="pixel_attention_mask"):
+        ttp.calibrate(model, [naflex(SHAPES)["pixel_values"]])
+    assert torch.equal(ttp.get_pruner(model).thresholds, thresholds)

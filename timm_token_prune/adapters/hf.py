@@ -202,6 +202,12 @@ class TransformersAdapter(Adapter):
                 "and per-image grid shapes, and its padded batches keep data-dependent token counts"
             )
 
+    def forward_images(self, model: nn.Module, images) -> object:
+        from . import hf_siglip2
+
+        hf_siglip2.check_batch(_base(model), images)
+        return super().forward_images(model, images)
+
     def check_images(self, model: nn.Module, images: torch.Tensor) -> None:
         from . import hf_siglip2
 

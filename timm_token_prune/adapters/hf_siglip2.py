@@ -53,6 +53,17 @@ def input_size(base: nn.Module) -> tuple[int, int, int]:
     return (base.config.num_channels, side, side)
 
 
+def check_batch(base: nn.Module | None, inputs: object) -> None:
+    """Before running a sample batch (calibrate, measure, freeze): a NaFlex tower needs the patch mask and grid
+    shapes with the pixels, as its image processor returns them; other towers pass."""
+    if is_family(base) and not isinstance(inputs, dict):
+        raise ValueError(
+            "a SigLIP 2 (NaFlex) model takes dict batches {'pixel_values', 'pixel_attention_mask', "
+            "'spatial_shapes'}, as Siglip2ImageProcessor returns them; got a "
+            f"{type(inputs).__name__}: pass the processor's output"
+        )
+
+
 def check_patches(base: nn.Module, pixels: object) -> None:
     """Raise `ValueError` unless `pixels` is (B, N, channels x patch x patch), NaFlex's patchified images."""
     config = base.config

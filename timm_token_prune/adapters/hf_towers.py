@@ -36,7 +36,7 @@ from ..config import PruneConfig
 from ..errors import AlreadyPatchedError, UnsupportedModelError
 from ..flops import linear_macs
 from ..pruner import TokenPruner
-from . import hf
+from . import hf, hf_siglip2
 from .hf import TransformersAdapter
 
 _VLM_PATHS = ("vision_tower", "model.vision_tower")  # transformers 5 keeps it on the inner model
@@ -126,6 +126,7 @@ class VisionTowerAdapter(TransformersAdapter):
 
     def forward_images(self, model: nn.Module, images: torch.Tensor) -> object:
         tower = find_tower(model)
+        hf_siglip2.check_batch(hf._base(tower.module), images)
         inputs = images if isinstance(images, dict) else {"pixel_values": images}  # NaFlex: mask and grid shapes too
         if tower.kind == "dual" and hasattr(model, "get_image_features"):
             return model.get_image_features(**inputs)
