@@ -121,6 +121,27 @@ def test_batch_invariance_with_attention_in_groups(case):
     assert (batched - singles).abs().max().item() <= 1e-4
 
 
+@pytest.mark.parametrize("case", ["vit", "no_class_token_map", "layerscale_dinov2"])
+def test_packed_grouped_attention_equals_unpacking(case, monkeypatch):
+    """A packed batch attending in groups reads q, k, v straight from the packed tokens
+    (`TokenPruner.attention_packed`): the same outputs, scores and counts as unpacking the whole batch."""
+    monkeypatch.setattr(TokenLayout, "pack_min_gain", 0)
+    model = patched(case)
+    pruner = ttp.get_pruner(model)
+    x = torch.cat([images(8, seed=3), images(8, seed=4)])
+    calls = []
+    packed_attention = type(pruner).attention_packed
+    monkeypatch.setattr(type(pruner), "attention_packed", lambda self, *a, **k: calls.append(1) or packed_attention(self, *a, **k))
+    with torch.no_grad():
+        direct = model(x)
+        counts = [c.clone() for c in pruner.state.counts]
+        assert calls, "the packed path should have run"
+        monkeypatch.setattr(type(pruner), "attends_packed", lambda self: False)
+        unpacked = model(x)
+    assert all(torch.equal(a, b) for a, b in zip(counts, pruner.state.counts))
+    assert (direct - unpacked).abs().max().item() <= 1e-6
+
+
 def _slow_reference(model, x: torch.Tensor, thresholds: list[float], locations, **options) -> torch.Tensor:
     """One image through the *unpatched* model block by block, with the AS-ViT score computed from the
     full attention matrix; tokens with S <= theta (the best patch always stays) are dropped or merged

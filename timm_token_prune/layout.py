@@ -12,6 +12,7 @@ which tokens go live in `TokenPruner`.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -20,6 +21,17 @@ from .restore import RestoreMap
 
 
 Merge = Callable[[torch.Tensor, int, int], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class PackedGroup:
+    """One group of a packed batch's attention (see `TokenLayout.packed_groups`)."""
+
+    index: torch.Tensor  # (G,) the images of the group
+    length: int  # tokens of its longest image
+    valid: torch.Tensor  # bool (G, length): real tokens
+    rows: torch.Tensor  # (G * length,) the packed row each padded position reads
+    targets: torch.Tensor  # (G * length,) the packed row each position's output goes to (padding: past the end)
 
 
 class TokenLayout:
@@ -39,6 +51,7 @@ class TokenLayout:
         self.restore: RestoreMap | None = None  # eval, restore_tokens: where each original position lives
         self.groups: list[tuple[torch.Tensor, int]] | None = None  # padded batches: attention's image groups
         self.initial_valid: torch.Tensor | None = None  # a batch that arrived padded: its real tokens (B, N0)
+        self._packed_groups: list[PackedGroup] | None = None  # `packed_groups`' cache, for the current layout
         self._rope: dict = {}  # gather_rope's cache: (id, stage) -> (rope, gathered rope)
 
     def begin_padded(self, valid: torch.Tensor) -> None:
@@ -87,7 +100,7 @@ class TokenLayout:
             x = core.take_rows(x, order[:, :most])
         else:
             x, sizes = merge(order, most, fewest)
-        self.groups = None
+        self.groups = self._packed_groups = None
         self.valid = self.pack_index = self.unpack_index = None
         if most != fewest:
             self.valid = torch.arange(most, device=x.device) < counts[:, None]
@@ -124,6 +137,23 @@ class TokenLayout:
         else:
             out = x[0].index_select(0, self.unpack_index)
         return out.view(batch, tokens, -1)
+
+    def packed_groups(self) -> list[PackedGroup]:
+        """A packed batch whose attention runs in groups (`groups`): for each group, where its padded rows
+        come from and go to in the packed tokens, so attention reads and writes packed rows directly (no
+        unpacking of the whole batch, no copies per group of q, k and v). Cached for the current layout."""
+        if self._packed_groups is None:
+            batch, tokens = self.valid.shape
+            unpacked = self.unpack_index.view(batch, tokens)
+            total = self.pack_index.shape[0]
+            self._packed_groups = []
+            for index, length in self.groups:
+                valid = self.valid[:, :length].index_select(0, index)
+                rows = unpacked[:, :length].index_select(0, index).flatten()
+                # padding rows read the image's first token; their outputs go to spare rows past the end
+                spare = torch.arange(total, total + rows.shape[0], device=rows.device)
+                self._packed_groups.append(PackedGroup(index, length, valid, rows, rows.where(valid.flatten(), spare)))
+        return self._packed_groups
 
     # ---- what follows the tokens ------------------------------------------------------------------
     def gather_bias(self, bias: torch.Tensor) -> torch.Tensor:

@@ -265,6 +265,42 @@ class TokenPruner(nn.Module):
             )
         return context
 
+    def attends_packed(self) -> bool:
+        """Whether attention may read q, k, v straight from packed tokens (`attention_packed`): an inference
+        batch that is packed and attends in groups of images."""
+        layout = self.state.layout
+        return not self.training and layout.groups is not None and layout.pack_index is not None
+
+    def attention_packed(
+        self, qkv: torch.Tensor, num_heads: int, *, scale: float, stage: int | None, q_norm: nn.Module, k_norm: nn.Module
+    ) -> torch.Tensor:
+        """`attention` on a packed batch (`attends_packed`), from the packed q | k | v (1, T, 3 C) to the packed
+        context (1, T, C): one fused attention per group of images, each reading its rows from the packed
+        tokens and writing its real rows back, so the batch is never unpacked whole."""
+        state, layout = self.state, self.state.layout
+        flat = qkv[0]
+        total, channels = flat.shape[0], flat.shape[1] // 3
+        groups = layout.packed_groups()
+        out = flat.new_empty(total + max(len(g.rows) for g in groups), channels)  # past `total`: padding rows
+        scores = None if stage is None else flat.new_zeros(layout.valid.shape)
+        for group in groups:
+            images = len(group.index)
+            q, k, v = flat.index_select(0, group.rows).view(images, group.length, 3, num_heads, -1).permute(2, 0, 3, 1, 4)
+            q, k = q_norm(q), k_norm(k)
+            sizes = None if layout.sizes is None else layout.sizes[:, : group.length].index_select(0, group.index)
+            bias = None if sizes is None else core.size_bias(sizes, q.dtype)
+            context = core.attend(q, k, v, valid=group.valid, bias=bias, scale=scale)
+            if scores is not None:
+                part = core.token_scores(
+                    q, k, context, scale=scale, method=self.config.score, class_token=self.class_token,
+                    valid=group.valid, bias=bias, sizes=sizes,
+                )
+                scores[:, : group.length].index_copy_(0, group.index, part)
+            out.index_copy_(0, group.targets, context.transpose(1, 2).reshape(-1, channels))
+        if scores is not None:
+            state.scores = scores
+        return out[:total][None]
+
     def gather_bias(self, bias: torch.Tensor) -> torch.Tensor:
         """See `TokenLayout.gather_bias`."""
         return self.state.layout.gather_bias(bias)

@@ -326,7 +326,8 @@ class _ScoringBlock:
 
 class PruningAttention:
     """timm's Attention, and eva's EvaAttention / AttentionRope, on a pruned token layout: projections on
-    packed tokens, attention on the padded batch with padding / pruned tokens hidden as keys."""
+    packed tokens, attention on the padded batch with padding / pruned tokens hidden as keys (an inference
+    batch in groups: straight from and to the packed tokens, `TokenPruner.attention_packed`)."""
 
     def forward(self, x: torch.Tensor, rope=None, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
         pruner = self._token_pruner
@@ -336,7 +337,14 @@ class PruningAttention:
         if attn_mask is not None or is_causal:
             raise NotImplementedError("attn_mask / is_causal cannot be combined with token pruning")
         gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
-        q, k, v = project(self, x, pruner)
+        qkv = fused_qkv(self, x)
+        if qkv is not None and rope is None and getattr(self, "num_kv_groups", 1) == 1 and pruner.attends_packed():
+            x = pruner.attention_packed(
+                qkv, self.num_heads, scale=self.scale, stage=self._prune_stage, q_norm=self.q_norm, k_norm=self.k_norm
+            )
+            x = self.norm(x)
+            return self.proj_drop(self.proj(x if gate is None else x * gate))
+        q, k, v = project(self, x, pruner, qkv)
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:  # eva: rotary embeddings of the patch tokens (already in this layout)
             npt, half = self.num_prefix_tokens, getattr(self, "rotate_half", False)
@@ -354,15 +362,23 @@ class PruningAttention:
         return self.proj_drop(self.proj(x))
 
 
-def project(attn: nn.Module, x: torch.Tensor, pruner: TokenPruner) -> tuple[torch.Tensor, ...]:
-    """q, k, v (B, heads, N, head_dim) of packed tokens `x`, as the timm / eva attention computes them."""
+def fused_qkv(attn: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """q | k | v (..., 3 C) of tokens `x` from the attention's fused projection; None when it has three."""
+    if getattr(attn, "qkv", None) is None:
+        return None
+    if getattr(attn, "q_bias", None) is None:
+        return attn.qkv(x)
+    bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+    return attn.qkv(x) + bias if attn.qkv_bias_separate else F.linear(x, attn.qkv.weight, bias)
+
+
+def project(attn: nn.Module, x: torch.Tensor, pruner: TokenPruner, qkv: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """q, k, v (B, heads, N, head_dim) of packed tokens `x`, as the timm / eva attention computes them
+    (`qkv`: their fused projection, if already computed)."""
     heads = attn.num_heads
-    if getattr(attn, "qkv", None) is not None:
-        if getattr(attn, "q_bias", None) is None:
-            qkv = attn.qkv(x)
-        else:
-            bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
-            qkv = attn.qkv(x) + bias if attn.qkv_bias_separate else F.linear(x, attn.qkv.weight, bias)
+    if qkv is None:
+        qkv = fused_qkv(attn, x)
+    if qkv is not None:
         qkv = pruner.unpack(qkv)  # a packed batch (see TokenPruner.pack) back to (B, N, 3 C)
         B, N, _ = qkv.shape
         return qkv.reshape(B, N, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
