@@ -129,6 +129,28 @@ def test_batch_invariance(hf_case):
     assert (batched - singles).abs().max().item() <= 1e-4
 
 
+def test_packed_grouped_attention(hf_case, monkeypatch):
+    """A packed batch attending in groups reads q, k, v straight from the packed tokens
+    (`TokenPruner.attention_packed`): the same as unpacking the whole batch, and as each image alone."""
+    from timm_token_prune.layout import TokenLayout
+
+    monkeypatch.setattr(TokenLayout, "pack_min_gain", 0)
+    model = patched_hf(hf_case)
+    pruner = ttp.get_pruner(model)
+    x = torch.cat([images(8, seed=3), images(8, seed=4)])
+    calls = []
+    packed_attention = type(pruner).attention_packed
+    monkeypatch.setattr(type(pruner), "attention_packed", lambda self, *a, **k: calls.append(1) or packed_attention(self, *a, **k))
+    with torch.no_grad():
+        direct = main_output(model(x))
+        assert calls, "the packed path should have run"
+        singles = torch.cat([main_output(model(x[i : i + 1])) for i in range(len(x))])
+        monkeypatch.setattr(type(pruner), "attends_packed", lambda self: False)
+        unpacked = main_output(model(x))
+    assert (direct - unpacked).abs().max().item() <= 1e-6
+    assert (direct - singles).abs().max().item() <= 1e-4
+
+
 def test_training_masks_give_the_same_output_as_dropping(hf_case):
     model = patched_hf(hf_case)
     x = images(5, seed=4)

@@ -272,7 +272,14 @@ class TokenPruner(nn.Module):
         return not self.training and layout.groups is not None and layout.pack_index is not None
 
     def attention_packed(
-        self, qkv: torch.Tensor, num_heads: int, *, scale: float, stage: int | None, q_norm: nn.Module, k_norm: nn.Module
+        self,
+        qkv: torch.Tensor,
+        num_heads: int,
+        *,
+        scale: float,
+        stage: int | None,
+        q_norm: nn.Module | None = None,
+        k_norm: nn.Module | None = None,
     ) -> torch.Tensor:
         """`attention` on a packed batch (`attends_packed`), from the packed q | k | v (1, T, 3 C) to the packed
         context (1, T, C): one fused attention per group of images, each reading its rows from the packed
@@ -286,7 +293,8 @@ class TokenPruner(nn.Module):
         for group in groups:
             images = len(group.index)
             q, k, v = flat.index_select(0, group.rows).view(images, group.length, 3, num_heads, -1).permute(2, 0, 3, 1, 4)
-            q, k = q_norm(q), k_norm(k)
+            if q_norm is not None:
+                q, k = q_norm(q), k_norm(k)
             sizes = None if layout.sizes is None else layout.sizes[:, : group.length].index_select(0, group.index)
             bias = None if sizes is None else core.size_bias(sizes, q.dtype)
             context = core.attend(q, k, v, valid=group.valid, bias=bias, scale=scale)

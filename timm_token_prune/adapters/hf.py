@@ -494,8 +494,12 @@ def _token_prune_attention(module, query, key, value, attention_mask, scaling=No
     if attention_mask is not None:
         raise NotImplementedError("attention masks cannot be combined with token pruning")
     heads = query.shape[1]
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if not dropout and pruner.attends_packed():  # groups of images read straight from the packed tokens
+        qkv = torch.cat([_merge_heads(t) for t in (query, key, value)], dim=-1)
+        out = pruner.attention_packed(qkv, heads, scale=scale, stage=stage)
+        return out.reshape(*out.shape[:2], heads, -1), None
     q, k, v = (_unpack_heads(pruner, t) for t in (query, key, value))
-    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
     context = pruner.attention(q, k, v, scale=scale, dropout_p=dropout, stage=stage)
     out = pruner.pack(_merge_heads(context))
     return out.reshape(*out.shape[:2], heads, -1), None
