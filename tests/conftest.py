@@ -45,6 +45,18 @@ def _spread_weights(model: torch.nn.Module) -> None:
                 block.attn.qkv.weight.mul_(4.0)
 
 
+def spy_packed_attention(monkeypatch, pruner) -> list:
+    """Packed inference forces packing (`TokenLayout.pack_min_gain` 0); returns a list that grows by one per
+    call of `TokenPruner.attention_packed` (attention read straight from the packed tokens)."""
+    from timm_token_prune.layout import TokenLayout
+
+    monkeypatch.setattr(TokenLayout, "pack_min_gain", 0)
+    calls = []
+    packed = type(pruner).attention_packed
+    monkeypatch.setattr(type(pruner), "attention_packed", lambda self, *a, **k: calls.append(1) or packed(self, *a, **k))
+    return calls
+
+
 def images(batch: int, seed: int = 1, size: int = IMG) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     base = torch.randn(batch, 3, size, size, generator=g)

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import IMG, LOCATIONS, images
+from conftest import IMG, LOCATIONS, images, spy_packed_attention
 
 import timm_token_prune as ttp
 
@@ -132,15 +132,10 @@ def test_batch_invariance(hf_case):
 def test_packed_grouped_attention(hf_case, monkeypatch):
     """A packed batch attending in groups reads q, k, v straight from the packed tokens
     (`TokenPruner.attention_packed`): the same as unpacking the whole batch, and as each image alone."""
-    from timm_token_prune.layout import TokenLayout
-
-    monkeypatch.setattr(TokenLayout, "pack_min_gain", 0)
     model = patched_hf(hf_case)
     pruner = ttp.get_pruner(model)
+    calls = spy_packed_attention(monkeypatch, pruner)
     x = torch.cat([images(8, seed=3), images(8, seed=4)])
-    calls = []
-    packed_attention = type(pruner).attention_packed
-    monkeypatch.setattr(type(pruner), "attention_packed", lambda self, *a, **k: calls.append(1) or packed_attention(self, *a, **k))
     with torch.no_grad():
         direct = main_output(model(x))
         assert calls, "the packed path should have run"

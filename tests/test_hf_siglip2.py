@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from conftest import spy_packed_attention
 
 import timm_token_prune as ttp
 
@@ -306,3 +307,21 @@ def test_calibrate_on_plain_tensors_says_what_batches_to_pass(build):
     with pytest.raises(ValueError, match="pixel_attention_mask"):
         ttp.calibrate(model, [naflex(SHAPES)["pixel_values"]])
     assert torch.equal(ttp.get_pruner(model).thresholds, thresholds)
+
+
+def test_packed_grouped_attention_on_a_padded_batch(monkeypatch):
+    """Sixteen NaFlex images, packed and attending in groups: attention reads q, k, v straight from the packed
+    tokens (`TokenPruner.attention_packed`), with the same outputs as unpacking the whole batch, and each
+    image as alone."""
+    model = patched()
+    pruner = ttp.get_pruner(model)
+    calls = spy_packed_attention(monkeypatch, pruner)
+    x = naflex(SHAPES * 4, seed=3)
+    with torch.no_grad():
+        direct = model(**x).pooler_output
+        assert calls, "the packed path should have run"
+        singles = torch.cat([model(**alone(x, i)).pooler_output for i in range(len(SHAPES) * 4)])
+        monkeypatch.setattr(type(pruner), "attends_packed", lambda self: False)
+        unpacked = model(**x).pooler_output
+    assert (direct - unpacked).abs().max().item() <= 1e-6
+    assert (direct - singles).abs().max().item() <= ALONE_ATOL

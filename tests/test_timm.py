@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import LOCATIONS, images, make_model, reference_prune
+from conftest import LOCATIONS, images, make_model, reference_prune, spy_packed_attention
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 import timm_token_prune as ttp
@@ -121,17 +121,13 @@ def test_batch_invariance_with_attention_in_groups(case):
     assert (batched - singles).abs().max().item() <= 1e-4
 
 
-@pytest.mark.parametrize("case", ["vit", "no_class_token_map", "layerscale_dinov2"])
 def test_packed_grouped_attention_equals_unpacking(case, monkeypatch):
     """A packed batch attending in groups reads q, k, v straight from the packed tokens
     (`TokenPruner.attention_packed`): the same outputs, scores and counts as unpacking the whole batch."""
-    monkeypatch.setattr(TokenLayout, "pack_min_gain", 0)
     model = patched(case)
     pruner = ttp.get_pruner(model)
+    calls = spy_packed_attention(monkeypatch, pruner)  # before the forward: packing is decided at each point
     x = torch.cat([images(8, seed=3), images(8, seed=4)])
-    calls = []
-    packed_attention = type(pruner).attention_packed
-    monkeypatch.setattr(type(pruner), "attention_packed", lambda self, *a, **k: calls.append(1) or packed_attention(self, *a, **k))
     with torch.no_grad():
         direct = model(x)
         counts = [c.clone() for c in pruner.state.counts]

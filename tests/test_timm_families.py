@@ -85,6 +85,23 @@ def test_batch_invariance(case):
     assert (batched - singles).abs().max().item() <= 1e-4
 
 
+def test_batch_invariance_packed(case, monkeypatch):
+    """Sixteen images, packed, attending in groups of similar counts where the counts are spread enough (from
+    the packed tokens where the attention allows, `TokenPruner.attention_packed`): each image gets what it
+    gets alone."""
+    from timm_token_prune.layout import TokenLayout
+
+    monkeypatch.setattr(TokenLayout, "pack_min_gain", 0)
+    model = patched(case)
+    x = torch.cat([images(8, seed=3), images(8, seed=4)])
+    with torch.no_grad():
+        batched = model(x)
+        layout = ttp.get_pruner(model).state.layout
+        assert layout.pack_index is not None
+        singles = torch.cat([model(x[i : i + 1]) for i in range(len(x))])
+    assert (batched - singles).abs().max().item() <= 1e-4
+
+
 def _slow_reference(model, x: torch.Tensor, thresholds: list[float], **options) -> torch.Tensor:
     """One image through the unpatched model; each block sees the kept tokens (a merged one as one row per
     token it holds, see conftest.reference_prune), with the rotary embeddings / relative position bias of
