@@ -81,7 +81,7 @@ def make_hf(case: str, seed: int = 0) -> torch.nn.Module:
 
 
 def main_output(output) -> torch.Tensor:
-    for name in ("logits", "image_embeds", "pooler_output"):
+    for name in ("logits", "image_embeds", "pooler_output", "last_hidden_state"):
         value = getattr(output, name, None)
         if value is not None:
             return value

@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 from conftest import images
+from test_hf import main_output as main
 
 import timm_token_prune as ttp
 
@@ -63,14 +64,6 @@ def patched(case: str, budget: float = 0.65, **options) -> torch.nn.Module:
     if budget < 1.0:
         ttp.calibrate(model, [images(16, seed=s, size=IMG) for s in (10, 11)])
     return model
-
-
-def main(output) -> torch.Tensor:
-    for name in ("logits", "pooler_output", "last_hidden_state"):
-        value = getattr(output, name, None)
-        if value is not None:
-            return value
-    raise AssertionError(type(output).__name__)
 
 
 def base_of(model):

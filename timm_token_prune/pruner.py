@@ -259,11 +259,15 @@ class TokenPruner(nn.Module):
             # earlier masks enter the score detached: a threshold must not steer later stages through the
             # re-normalised class attention (see _mask)
             earlier = None if state.soft_mask is None else state.soft_mask.detach()
-            state.scores = core.token_scores(
-                q, k, context, scale=scale, method=self.config.score, class_token=self.class_token,
-                valid=layout.valid, soft_mask=earlier, bias=bias, sizes=layout.sizes,
-            )
+            state.scores = self._scores(q, k, context, scale, layout.valid, bias, layout.sizes, earlier)
         return context
+
+    def _scores(self, q, k, context, scale: float, valid, bias, sizes, soft_mask=None) -> torch.Tensor:
+        """The token scores (B, N) of a scoring attention (`core.token_scores` with this config's score)."""
+        return core.token_scores(
+            q, k, context, scale=scale, method=self.config.score, class_token=self.class_token,
+            valid=valid, soft_mask=soft_mask, bias=bias, sizes=sizes,
+        )
 
     def attends_packed(self) -> bool:
         """Whether attention may read q, k, v straight from packed tokens (`attention_packed`): an inference
@@ -299,10 +303,7 @@ class TokenPruner(nn.Module):
             bias = None if sizes is None else core.size_bias(sizes, q.dtype)
             context = core.attend(q, k, v, valid=group.valid, bias=bias, scale=scale)
             if scores is not None:
-                part = core.token_scores(
-                    q, k, context, scale=scale, method=self.config.score, class_token=self.class_token,
-                    valid=group.valid, bias=bias, sizes=sizes,
-                )
+                part = self._scores(q, k, context, scale, group.valid, bias, sizes)
                 scores[:, : group.length].index_copy_(0, group.index, part)
             out.index_copy_(0, group.targets, context.transpose(1, 2).reshape(-1, channels))
         if scores is not None:

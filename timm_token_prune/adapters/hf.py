@@ -368,8 +368,11 @@ def _check_output_flags(module: nn.Module, pruner: TokenPruner, kwargs: dict):
 
 def _start_hidden_grids(module: nn.Module, pruner: TokenPruner, hidden) -> None:
     """restore_tokens with output_hidden_states: collect the restored grids of this forward."""
-    if pruner.restoring and (hidden is True or _selected_layers(module, hidden) is not None):
-        pruner.state.hidden_grids = {} if hidden is True else _SelectedGrids(_selected_layers(module, hidden))
+    if not pruner.restoring:
+        return
+    selected = None if hidden is True else _selected_layers(module, hidden)
+    if hidden is True or selected is not None:
+        pruner.state.hidden_grids = {} if selected is None else _SelectedGrids(selected)
 
 
 class _SelectedGrids(dict):
