@@ -5,6 +5,7 @@ single-image loop that runs the *unpatched* blocks and fills pruned positions by
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -185,6 +186,29 @@ def test_fill_matches_slow_reference_loop(case, fill, pruned_tokens):
             kept_sets = [set(positions[0].tolist()) for positions, _ in pruner.kept_positions()]
             expected = _reference_grid(dense, x[i : i + 1], kept_sets, fill, pruned_tokens == "merge")
             assert (grid - expected).abs().max() <= 1e-4
+
+
+class _Features(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_features(x)
+
+
+@pytest.mark.parametrize("fill", FILLS)
+def test_traced_static_shapes_restore_the_same_grid(fill):
+    """Traced (export): the fill data is written with static shapes; the same grid as eager."""
+    model = restoring("vit", restore_fill=fill, keep_policy="topk").eval()
+    x = images(3, seed=6)
+    with torch.no_grad():
+        expected = model.forward_features(x)
+        with warnings.catch_warnings():  # torch.jit.trace's deprecation; the layout's ints traced as constants
+            warnings.simplefilter("ignore")
+            traced = torch.jit.trace(_Features(model), (x,), check_trace=False)
+        assert ttp.get_pruner(model).state.layout.restore is not None  # the trace recorded pruning points
+        assert (traced(x) - expected).abs().max() <= 1e-5
 
 
 def test_chains_resolve_to_final_tokens():

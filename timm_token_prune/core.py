@@ -296,12 +296,13 @@ def token_similarity(x: torch.Tensor, rows: torch.Tensor | None = None) -> torch
 def novelty(scores: torch.Tensor, similarity: torch.Tensor, eligible: torch.Tensor | None, num_prefix: int):
     """1 - the highest cosine similarity (floored at 0) of each token to an eligible patch token that scores
     higher: (B, N). A near copy of a better token adds little once it is merged into it."""
-    higher = scores[:, None, :] > scores[:, :, None]  # [b, j, i]: token i scores above token j
-    higher[:, :, :num_prefix] = False
+    rivals = scores.clone()  # prefix and ineligible tokens score above no one
+    rivals[:, :num_prefix] = float("-inf")
     if eligible is not None:
-        higher &= eligible[:, None, :]
+        rivals.masked_fill_(~eligible, float("-inf"))
+    higher = rivals[:, None, :] > scores[:, :, None]  # [b, j, i]: token i is a rival scoring above token j
     # each row holds a 0 (a token never scores above itself), so the maximum is never below 0
-    return 1 - similarity.masked_fill(~higher, 0.0).amax(dim=-1)
+    return 1 - torch.where(higher, similarity, 0.0).amax(dim=-1)
 
 
 def nearest_kept(similarity: torch.Tensor, keep: torch.Tensor, num_prefix: int) -> torch.Tensor:

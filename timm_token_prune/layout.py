@@ -192,13 +192,13 @@ class TokenLayout:
         return positions
 
     def record_merge(
-        self, fill: str, before: torch.Tensor, arrived: torch.Tensor, leaving: torch.Tensor, destination: torch.Tensor
+        self, fill: str, leaving: torch.Tensor, destination: torch.Tensor, rows: torch.Tensor, fills: torch.Tensor | None
     ) -> None:
-        """restore_tokens: the tokens `leaving` (B, N) of `before` (B, N, C) went to their `destination`
-        (B, N) kept token, whose value once merged (or as it was, when dropping) is `arrived` (B, N, C)."""
+        """restore_tokens: the tokens `leaving` (B, N) went to their `destination` (B, N) kept token;
+        `rows` (B, R) and `fills` (B, R, C): see `RestoreMap.record`."""
         if self.restore is None:
-            self.restore = RestoreMap(before.shape[0], before.shape[1], fill, before.device)
-        self.restore.record(before, arrived, leaving, destination)
+            self.restore = RestoreMap(leaving.shape[0], leaving.shape[1], fill, leaving.device)
+        self.restore.record(leaving, destination, rows, fills)
 
     def restored(self, x: torch.Tensor) -> torch.Tensor:
         """Tokens x of the current layout (packed or padded) -> (B, N0, C) in the original order, each

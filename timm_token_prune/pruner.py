@@ -407,14 +407,14 @@ class TokenPruner(nn.Module):
             sizes = layout.sizes if layout.sizes is not None else x.new_ones(keep.shape, dtype=torch.float32)
             leaving = ~keep if eligible is None else eligible & ~keep
             weights = (sizes * leaving).gather(1, tail)
+            tail_tokens, arrival = core.take_rows(x, tail), slot.gather(1, destination)
             merged, new_sizes = core.merge_gathered(
-                core.take_rows(x, front), sizes.gather(1, front), core.take_rows(x, tail), weights,
-                slot.gather(1, destination),
+                core.take_rows(x, front), sizes.gather(1, front), tail_tokens, weights, arrival
             )
             if self.restoring:  # every token's destination (itself unless it leaves), before the gather
                 everywhere = torch.arange(order.shape[1], device=x.device).expand_as(order).scatter(1, tail, destination)
-                arrived = core.take_rows(merged, slot.gather(1, everywhere))
-                layout.record_merge(self.config.restore_fill, x, arrived, leaving, everywhere)
+                fills = self._restore_fills(tail_tokens, merged, arrival)
+                layout.record_merge(self.config.restore_fill, leaving, everywhere, tail, fills)
             return merged, new_sizes
 
         return merge
@@ -472,8 +472,18 @@ class TokenPruner(nn.Module):
                 x, keep, dropped, sizes, self.num_prefix_tokens, destination=destination
             )
         if self.restoring:
-            layout.record_merge(self.config.restore_fill, before, core.take_rows(x, destination), dropped, destination)
+            every = torch.arange(x.shape[1], device=x.device).expand_as(destination)
+            fills = self._restore_fills(before, x, destination)
+            layout.record_merge(self.config.restore_fill, dropped, destination, every, fills)
         return x
+
+    def _restore_fills(self, tokens: torch.Tensor, merged: torch.Tensor, destination: torch.Tensor) -> torch.Tensor | None:
+        """restore_tokens: the fill data of `tokens` (B, R, C) whose destinations are the rows `destination`
+        (B, R) of `merged` (see `RestoreMap.record`)."""
+        fill = self.config.restore_fill
+        if fill == "nearest":
+            return None
+        return tokens if fill == "dropped" else tokens - core.take_rows(merged, destination)
 
     def _gather_topk(self, x: torch.Tensor, scores: torch.Tensor, stage: int, similarity) -> torch.Tensor:
         """Static shapes: every image keeps its k best patches (k from the shapes and keep_ratios only),

@@ -29,19 +29,42 @@ class RestoreMap:
         self.pruned = torch.zeros(batch, tokens, dtype=torch.bool, device=device)  # left at some point
         self.values: torch.Tensor | None = None  # (B, N0, C): 'dropped' representations or 'offset' sums
 
-    def record(self, before: torch.Tensor, arrived: torch.Tensor, leaving: torch.Tensor, destination: torch.Tensor) -> None:
-        """One pruning point: tokens `before` (B, N, C), bool `leaving` (B, N) the tokens that leave,
-        `destination` (B, N) their kept token, `arrived` (B, N, C) the value of each token's destination
-        once merged (or before, when dropping); only the leaving rows of `arrived` are read."""
+    def record(self, leaving: torch.Tensor, destination: torch.Tensor, rows: torch.Tensor, fills: torch.Tensor | None) -> None:
+        """One pruning point. `leaving` (bool B, N): the current tokens that leave now; `destination` (B, N):
+        each token's kept token; `rows` (B, R): current tokens among which are all the leaving ones, and
+        `fills` (B, R, C) their fill data: 'dropped' the tokens themselves, 'offset' each token minus its
+        destination once merged (or as it was, when dropping); None for 'nearest'. Only the positions whose
+        anchor leaves are written, so the cost grows with the tokens that leave."""
         moves = leaving.gather(1, self.anchor)  # (B, N0): p's anchor leaves now
-        if self.fill == "dropped":
-            current = _rows(before, self.anchor)
-            self.values = current if self.values is None else torch.where((moves & ~self.pruned)[..., None], current, self.values)
-        if self.fill == "offset":  # the step per current token (0 for those staying), then per position
-            step = _rows((before - arrived).mul_(leaving[..., None]), self.anchor)
-            self.values = step if self.values is None else self.values.add_(step)
+        if fills is not None:
+            # where each current token's fill data is in `fills` (R: nowhere, never read)
+            count = rows.shape[1]
+            slot = torch.full_like(destination, count).scatter_(1, rows, torch.arange(count, device=rows.device).expand_as(rows))
+            written = moves if self.fill == "offset" else moves & ~self.pruned  # 'dropped': at p's first move only
+            self._write(written, slot.gather(1, self.anchor), fills)
         self.anchor = torch.where(moves, destination.gather(1, self.anchor), self.anchor)
         self.pruned = self.pruned | moves  # not in place: ONNX has no in-place or (export_onnx)
+
+    def _write(self, written: torch.Tensor, source: torch.Tensor, fills: torch.Tensor) -> None:
+        """Add ('offset') or copy ('dropped') the rows `source` (B, N0) of `fills` (B, R, C) at the `written`
+        positions (bool B, N0) of the fill data."""
+        batch, count, channels = fills.shape
+        if self.values is None:
+            self.values = fills.new_zeros(batch, self.anchor.shape[1], channels)
+        # static shapes (tracing, torch.compile) or an accelerator (no host sync): every position reads a row,
+        # a zero row where none is written; on CPU only the written rows are touched
+        if torch.jit.is_tracing() or torch.compiler.is_compiling() or fills.device.type != "cpu":
+            table = torch.cat([fills, fills.new_zeros(batch, 1, channels)], dim=1)
+            picked = _rows(table, source.masked_fill(~written, count))
+            self.values = self.values + picked if self.fill == "offset" else torch.where(written[..., None], picked, self.values)
+            return
+        image, position = written.nonzero(as_tuple=True)
+        picked = fills.reshape(-1, channels).index_select(0, image * count + source[image, position])
+        target, flat = image * self.anchor.shape[1] + position, self.values.view(-1, channels)
+        if self.fill == "offset":
+            flat.index_add_(0, target, picked)
+        else:
+            flat.index_copy_(0, target, picked)
 
     def moved(self, order: torch.Tensor, tokens: int) -> None:
         """The layout of `tokens` tokens was gathered: new token m is old token order[:, m] (a prefix of a
