@@ -178,6 +178,7 @@ def main() -> None:
         right[name] = result.pop("right")
         rows[name] = {**result, **extra}
         print(f"{name}: {rows[name]}", flush=True)
+        write_json(results, args.out)  # partial results survive an interrupted run (rows without speed yet)
 
     report("probe (linear head, frozen backbone)", probe)
     dense = ttp.patch_model(copy.deepcopy(probe), budget=1.0)  # budget 1.0: fine-tuning without pruning
