@@ -227,6 +227,29 @@ def test_chains_resolve_to_final_tokens():
     assert chained > 0
 
 
+@pytest.mark.parametrize("fill", ["dropped", "offset"])
+def test_a_later_point_in_another_dtype_writes_in_the_first_dtype(fill):
+    """Fill data of a bfloat16 point (an autocast region) after a float32 one is stored as float32: the same
+    as casting it by hand, on the eager CPU path."""
+    from timm_token_prune.restore import RestoreMap
+
+    torch.manual_seed(0)
+    first, second = torch.randn(2, 6, 4), torch.randn(2, 4, 4).bfloat16()
+    leaving1 = torch.tensor([[0, 0, 1, 0, 1, 0], [0, 1, 0, 0, 0, 1]], dtype=torch.bool)
+    destination1 = torch.tensor([[0, 1, 1, 3, 3, 5], [0, 0, 2, 3, 4, 4]])
+    leaving2 = torch.tensor([[0, 1, 0, 0], [0, 0, 1, 0]], dtype=torch.bool)
+    destination2 = torch.tensor([[0, 0, 2, 3], [0, 1, 3, 3]])
+    grids = []
+    for cast in (False, True):
+        restore = RestoreMap(2, 6, fill, torch.device("cpu"))
+        restore.record(leaving1, destination1, torch.arange(6).expand(2, -1), first)
+        restore.moved(torch.tensor([[0, 1, 3, 5], [0, 2, 3, 4]]), 6)
+        restore.record(leaving2, destination2, torch.arange(4).expand(2, -1), second.float() if cast else second)
+        grids.append(restore.values)
+    assert grids[0].dtype == torch.float32
+    assert torch.equal(grids[0], grids[1]) and grids[0].abs().sum() > 0
+
+
 # ---- errors ---------------------------------------------------------------------------------------------
 def test_config_field_validated_and_serialised():
     with pytest.raises(TypeError, match="restore_tokens"):

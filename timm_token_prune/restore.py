@@ -51,6 +51,7 @@ class RestoreMap:
         batch, count, channels = fills.shape
         if self.values is None:
             self.values = fills.new_zeros(batch, self.anchor.shape[1], channels)
+        fills = fills.to(self.values.dtype)  # a later point may run in another dtype (autocast regions)
         # static shapes (tracing, torch.compile) or an accelerator (no host sync): every position reads a row,
         # a zero row where none is written; on CPU only the written rows are touched
         if torch.jit.is_tracing() or torch.compiler.is_compiling() or fills.device.type != "cpu":
