@@ -178,6 +178,11 @@ def main() -> None:
         right[name] = result.pop("right")
         rows[name] = {**result, **extra}
         print(f"{name}: {rows[name]}", flush=True)
+        for adaptive in [n for n in rows if "adaptive" in n]:  # against the top-k rows of the same budget and training
+            for rival in (adaptive.replace("adaptive", label) for label in ("top-k, AS-ViT score", "top-k, EViT score")):
+                rival = rival.replace("(b)", "(c)")
+                if rival in right:
+                    rows[adaptive].setdefault("mcnemar", {})[rival] = peers.mcnemar(right[adaptive], right[rival])
         write_json(results, args.out)  # partial results survive an interrupted run (rows without speed yet)
 
     report("probe (linear head, frozen backbone)", probe)
@@ -216,12 +221,6 @@ def main() -> None:
             name = f"(e) distilled {args.long_epochs} epochs, {label} @{args.long_budget}"
             speed_models[name] = distilled(name, args.long_budget, options, args.long_epochs)
 
-    for name in rows:  # adaptive rows against the top-k rows of the same budget and training
-        if "adaptive" in name:
-            for rival in (name.replace("adaptive", label) for label in ("top-k, AS-ViT score", "top-k, EViT score")):
-                rival = rival.replace("(b)", "(c)")
-                if rival in right:
-                    rows[name].setdefault("mcnemar", {})[rival] = peers.mcnemar(right[name], right[rival])
     speed = throughput(speed_models, test.tensors[0][: args.batch], args.repeats)
     dense_gflops = None
     for model in speed_models.values():

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import copy
-import warnings
 import json
 import os
 import re
 import shutil
 import stat
+import warnings
 from pathlib import Path
 
 import pytest
@@ -203,19 +203,24 @@ def test_the_callers_teacher_keeps_its_flags_and_a_second_copy_of_it_trains_full
     first = ttp.patch_model(copy.deepcopy(dense), budget=0.5, prune_locations=LOCATIONS)
     modes_seen = []
     hook = dense.register_forward_pre_hook(lambda module, args: modes_seen.append(module.training))
-    ttp.distill(first, labelled(2), teacher=dense, lr=1e-3, progress=False)
+    with pytest.warns(UserWarning, match="never calibrated"):  # uncalibrated thresholds: distill says so
+        ttp.distill(first, labelled(2), teacher=dense, lr=1e-3, progress=False)
     hook.remove()
     assert flags(dense) == before
     assert modes_seen and not any(modes_seen)  # it ran in eval mode
     # the reported failure: a second student copied from the teacher trained its thresholds only
     second = ttp.patch_model(copy.deepcopy(dense), budget=0.5, prune_locations=LOCATIONS)
     head = second.head.weight.detach().clone()
-    ttp.distill(second, labelled(2), teacher=dense, lr=1e-3, progress=False)
+    with pytest.warns(UserWarning, match="never calibrated"):
+        ttp.distill(second, labelled(2), teacher=dense, lr=1e-3, progress=False)
     assert not torch.equal(second.head.weight, head)
     bad_labels = [(images(4), torch.arange(4) + 9)]
-    with pytest.raises(ValueError, match="labels must be in"):
-        ttp.distill(ttp.patch_model(copy.deepcopy(dense), budget=0.5, prune_locations=LOCATIONS), bad_labels,
-                    teacher=dense, progress=False)
+    third = ttp.patch_model(copy.deepcopy(dense), budget=0.5, prune_locations=LOCATIONS)
+    thresholds = ttp.get_pruner(third).thresholds.detach().clone()
+    with pytest.raises(ValueError, match="labels must be in"), warnings.catch_warnings():
+        warnings.simplefilter("error")  # refused before distill calibrates (and warns)
+        ttp.distill(third, bad_labels, teacher=dense, progress=False)
+    assert torch.equal(ttp.get_pruner(third).thresholds, thresholds)  # the model is left as it was
     assert flags(dense) == before
 
 

@@ -250,13 +250,22 @@ def _calibrate_on_first_batches(run: _Run) -> None:
         )
         run.pruner.warn_if_uncalibrated = False  # said once: its eval passes need not say it again
         return
-    batches, seen = [], 0
+    batches, labels, seen = [], [], 0
     for batch in run.loader:
-        images = split_batch(batch)[0]
+        images, y, _ = split_batch(batch)
         batches.append(images)
+        labels += [] if y is None else [y]
         seen += len(images)
         if seen >= CALIBRATION_IMAGES:
             break
+    if batches:  # bad input fails before the thresholds change (the checks training would make on these batches)
+        warn, run.pruner.warn_if_uncalibrated = run.pruner.warn_if_uncalibrated, False
+        try:
+            run.num_classes = _check_first_batch(run.student, run.teacher, batches[0].to(run.device), run.pruner)
+        finally:
+            run.pruner.warn_if_uncalibrated = warn
+        for y in labels:
+            _check_labels(y, run.num_classes)
     stats = calibrate(run.student, batches)
     run.log.write({"kind": "calibration", "images": seen, "flops_ratio": stats.flops_ratio})
     if run.rank == 0:
@@ -434,13 +443,10 @@ def _step(model, student, teacher, x, y, cached, config: DistillConfig, group_si
 def _check_first_batch(student, teacher, x, pruner) -> int:
     """Fail early: images the model takes, a teacher with the same classes, a reachable budget. Returns the
     number of classes."""
-    with torch.no_grad():
-        was_training = student.training
+    with torch.no_grad(), _modes_kept(student), _modes_kept(teacher):  # both in eval mode, flags restored
         student.eval()
-        try:
-            s = logits_of(student(x[:1]))
-        finally:
-            student.train(was_training)
+        teacher.eval()
+        s = logits_of(student(x[:1]))
         t = logits_of(teacher(x[:1]))
     if s.shape[-1] != t.shape[-1]:
         raise ValueError(
