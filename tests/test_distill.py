@@ -512,3 +512,15 @@ def test_checkpoints_and_distill_import_no_circle():
     imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert "distill" not in imported and "distill_config" in imported
     assert ttp.DistillConfig is distill.DistillConfig is distill_config.DistillConfig
+
+
+def test_pil_images_in_a_batch_are_refused_with_what_to_do_and_the_model_unchanged():
+    from PIL import Image
+
+    model = ttp.patch_model(make_model("vit"), budget=0.5, prune_locations=LOCATIONS)
+    thresholds = ttp.get_pruner(model).thresholds.detach().clone()
+    with pytest.raises(TypeError, match="first item is of type Image: convert the images to a"):
+        ttp.distill(model, [(Image.new("RGB", (32, 32)), torch.tensor([0]))], teacher=make_model("vit"), progress=False)
+    assert torch.equal(ttp.get_pruner(model).thresholds, thresholds)
+    with pytest.raises(TypeError, match="got a str$"):
+        ttp.calibrate(model, ["not a batch"])

@@ -18,9 +18,12 @@ def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None, torch.Te
     if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
         rest = [b if isinstance(b, torch.Tensor) else None for b in batch[1:3]]
         return (batch[0], *rest, *[None] * (2 - len(rest)))
+    first = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
+    got = type(batch).__name__ + (f" whose first item is of type {type(first).__name__}" if first is not batch else "")
+    hint = ": convert the images to a (B, 3, H, W) tensor first (the model's transform)" if "Image" in got else ""
     raise TypeError(
         "batches must be image tensors, (images, labels[, teacher_logits]) tuples or dicts with 'pixel_values' "
-        f"(and 'labels', 'teacher_logits'); got {type(batch).__name__}"
+        f"(and 'labels', 'teacher_logits'); got a {got}{hint}"
     )
 
 
