@@ -5,6 +5,7 @@ at 112 px (8 x 8 patches + class token) on Fashion-MNIST (Debian's dataset-fashi
     python benchmarks/accuracy.py                 # 10k balanced train images, all 10k test images
     python benchmarks/accuracy.py --legacy-budgets --long-budget 0   # without the legacy and 3-epoch rows: about 2 h 50 min
     python benchmarks/accuracy.py --quick         # a smoke run in a few minutes
+    python benchmarks/accuracy.py ... --resume    # finish an interrupted run (same options): see below
 
 Every fine-tune uses the same recipe: distill(), lr 2e-5 -> 2e-6 cosine after 10% warm-up, thresholds at
 distill's default (the lr; `--threshold-lr` changes it), batch 64, one epoch, loss weights 1.0 CE / 2.0 FLOPs / 0.5 KD, teacher logits cached.
@@ -21,13 +22,18 @@ distill's default (the lr; `--threshold-lr` changes it), batch 64, one epoch, lo
 5. at `--long-budget`, the adaptive and the AS-ViT top-k model distilled for `--long-epochs` epochs.
 Reports top-1 and the FLOPs ratio on the test set, GMACs, img/s (batch 64, interleaved with dense), the
 per-stage kept-token distribution, and McNemar's paired test of each adaptive row against its top-k rows
-(`peers.mcnemar`, on per-image correctness); writes JSON.
+(`peers.mcnemar`, on per-image correctness); writes JSON (after every row, so an interrupted run keeps its rows).
+`--resume` finishes an interrupted run given the same options: rows already in `--out` are kept as they were
+(re-evaluated only where a new row is compared with them, and then checked to come out the same), and every
+fine-tune whose folder under `accuracy-runs/` holds a checkpoint is continued from its newest one
+(`distill(resume=True)`: a finished run is loaded, not retrained).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import shutil
 import statistics
@@ -106,14 +112,17 @@ def test_eval(model: torch.nn.Module, test: TensorDataset, batch: int) -> dict:
 
 
 def fine_tune(student, train: TensorDataset, teacher_logits: torch.Tensor, args, out_dir: str, epochs: int = 1) -> float:
-    """The shared recipe; returns minutes spent. `out_dir` is this benchmark's scratch folder: emptied first."""
-    shutil.rmtree(out_dir, ignore_errors=True)
+    """The shared recipe; returns minutes spent. `out_dir` is this benchmark's scratch folder: emptied first,
+    unless `args.resume` and it holds a checkpoint: the run then continues from its newest one."""
+    resume = args.resume and os.path.isdir(out_dir) and any(n.startswith("checkpoint-") for n in os.listdir(out_dir))
+    if not resume:
+        shutil.rmtree(out_dir, ignore_errors=True)
     data = TensorDataset(*train.tensors, teacher_logits)
     loader = DataLoader(data, batch_size=args.batch, shuffle=True, drop_last=True)
     start = time.perf_counter()
     ttp.distill(
         student, loader, epochs=epochs, lr=args.lr, min_lr=args.lr / 10, threshold_lr=args.threshold_lr,
-        warmup_steps=int(args.warmup * epochs * len(loader)), output_dir=out_dir,
+        warmup_steps=int(args.warmup * epochs * len(loader)), output_dir=out_dir, resume=resume,
         progress=not args.no_progress, log_every=20,
     )
     return (time.perf_counter() - start) / 60
@@ -156,6 +165,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=6, help="throughput repeats")
     parser.add_argument("--quick", action="store_true", help="512 train / 512 test images: a smoke run")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--resume", action="store_true", help="finish the interrupted run in --out (same options)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "accuracy.json"))
     args = parser.parse_args()
     if args.quick:
@@ -171,18 +181,40 @@ def main() -> None:
     train_probe(probe, train, args.batch)
     results = {"setup": vars(args), "rows": {}}
     rows = results["rows"]
+    previous = {}
+    if args.resume and os.path.exists(args.out):
+        with open(args.out) as f:
+            previous = json.load(f)["rows"]
+        print(f"resuming: {len(previous)} rows kept from {args.out}")
 
     right = {}
 
-    def report(name: str, model: torch.nn.Module, **extra) -> None:
+    def rivals(name: str) -> list[str]:
+        """The top-k rows an adaptive row is compared with."""
+        if "adaptive" not in name:
+            return []
+        return [name.replace("adaptive", label).replace("(b)", "(c)") for label in ("top-k, AS-ViT score", "top-k, EViT score")]
+
+    def kept(name: str) -> bool:
+        """Whether a row of the interrupted run stands as it was: nothing new to compare it with."""
+        return name in previous and all(r in previous for r in rivals(name))
+
+    def report(name: str, model: torch.nn.Module | None, **extra) -> None:
+        if kept(name):
+            rows[name] = previous[name]
+            print(f"{name}: kept from the interrupted run", flush=True)
+            return
         result = test_eval(model, test, args.batch)
+        if name in previous:  # re-evaluated for a new comparison: the run is deterministic, so it must agree
+            if result["top1"] != previous[name]["top1"]:
+                raise RuntimeError(f"{name}: {result['top1']} now, {previous[name]['top1']} in the interrupted run")
+            extra = {k: v for k, v in previous[name].items() if k in ("train_minutes", "mcnemar")} or extra
         right[name] = result.pop("right")
         rows[name] = {**result, **extra}
         print(f"{name}: {rows[name]}", flush=True)
         for adaptive in [n for n in rows if "adaptive" in n]:  # against the top-k rows of the same budget and training
-            for rival in (adaptive.replace("adaptive", label) for label in ("top-k, AS-ViT score", "top-k, EViT score")):
-                rival = rival.replace("(b)", "(c)")
-                if rival in right:
+            for rival in rivals(adaptive):
+                if rival in right and adaptive in right:
                     rows[adaptive].setdefault("mcnemar", {})[rival] = peers.mcnemar(right[adaptive], right[rival])
         write_json(results, args.out)  # partial results survive an interrupted run (rows without speed yet)
 
@@ -210,7 +242,8 @@ def main() -> None:
     speed_models = {dense_row: dense}
     for budget in args.budgets:
         for label, options in (("adaptive", ADAPTIVE), ("top-k, AS-ViT score", TOPK_ASVIT), ("top-k, EViT score", TOPK_EVIT)):
-            report(f"(a) calibrate only, {label} @{budget}", pruned(budget, options))
+            name = f"(a) calibrate only, {label} @{budget}"
+            report(name, None if kept(name) else pruned(budget, options))
         for label, options in (("adaptive", ADAPTIVE), ("top-k, AS-ViT score", TOPK_ASVIT), ("top-k, EViT score", TOPK_EVIT)):
             name = f"({'b' if options is ADAPTIVE else 'c'}) distilled, {label} @{budget}"
             speed_models[name] = distilled(name, budget, options)
