@@ -524,3 +524,6 @@ def test_pil_images_in_a_batch_are_refused_with_what_to_do_and_the_model_unchang
     assert torch.equal(ttp.get_pruner(model).thresholds, thresholds)
     with pytest.raises(TypeError, match="got a str$"):
         ttp.calibrate(model, ["not a batch"])
+    with pytest.raises(TypeError, match="got an Image: convert the images to a"):  # a lone image
+        ttp.calibrate(model, [Image.new("RGB", (32, 32))])
+    assert torch.equal(ttp.get_pruner(model).thresholds, thresholds)

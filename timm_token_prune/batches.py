@@ -23,7 +23,7 @@ def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None, torch.Te
     hint = ": convert the images to a (B, 3, H, W) tensor first (the model's transform)" if "Image" in got else ""
     raise TypeError(
         "batches must be image tensors, (images, labels[, teacher_logits]) tuples or dicts with 'pixel_values' "
-        f"(and 'labels', 'teacher_logits'); got a {got}{hint}"
+        f"(and 'labels', 'teacher_logits'); got {'an' if got[0] in 'AEIOUaeiou' else 'a'} {got}{hint}"
     )
 
 
