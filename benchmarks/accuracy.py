@@ -208,7 +208,7 @@ def main() -> None:
         if name in previous:  # re-evaluated for a new comparison: the run is deterministic, so it must agree
             if result["top1"] != previous[name]["top1"]:
                 raise RuntimeError(f"{name}: {result['top1']} now, {previous[name]['top1']} in the interrupted run")
-            extra = {k: v for k, v in previous[name].items() if k in ("train_minutes", "mcnemar")} or extra
+            extra |= {k: v for k, v in previous[name].items() if k in ("train_minutes", "mcnemar")}  # not the loading's
         right[name] = result.pop("right")
         rows[name] = {**result, **extra}
         print(f"{name}: {rows[name]}", flush=True)
